@@ -1,0 +1,165 @@
+"""The app factory: the one place where config, tokens, forwarding and metrics meet.
+
+Two aiohttp applications: the proxy (a catch-all route on `listen`) and the admin app
+(`/metrics`, `/healthz`, `/readyz` on `admin_listen`), kept apart so that no Skill Engine
+path is ever shadowed by one of the proxy's own.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from proxy.config import Settings
+from proxy.errors import ClientGone, ProxyError, TokenUnavailable, error_response
+from proxy.forwarder import (
+    Forwarder,
+    logged_path,
+    new_upstream_session,
+    require_origin_form,
+    strip_server_defaults,
+)
+from proxy.metrics import Metrics, method_label
+from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
+from proxy.tokens import Clock, TokenCache
+
+logger = logging.getLogger("skill_engine_proxy")
+
+
+class Phase(enum.Enum):
+    """Where the process is in its life; `/readyz` is 200 only while SERVING."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
+@dataclass
+class Lifecycle:
+    phase: Phase = Phase.STARTING
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+CLOCK: web.AppKey[Clock] = web.AppKey("clock")
+TOKENS = web.AppKey("tokens", TokenCache)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def create_proxy_app(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    clock: Clock = time.monotonic,
+) -> web.Application:
+    """The forwarding application. Its clients and token cache live in its cleanup context."""
+    app = web.Application(middlewares=[_observe_and_answer_errors])
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[CLOCK] = clock
+    app.cleanup_ctx.append(_clients)
+    app.on_response_prepare.append(strip_server_defaults)
+    # [\s\S]: a path may hold any character once percent-decoded, a newline included.
+    app.router.add_route("*", r"/{path:[\s\S]*}", _forward)
+    return app
+
+
+async def _clients(app: web.Application) -> AsyncIterator[None]:
+    settings, metrics = app[SETTINGS], app[METRICS]
+    token_session = new_token_session()
+    upstream_session = new_upstream_session(settings.upstream)
+    endpoint = TokenEndpoint(token_session, settings.auth, metrics, clock=app[CLOCK])
+    tokens = TokenCache(
+        endpoint.fetch, refresh_margin=settings.auth.refresh_margin, clock=app[CLOCK]
+    )
+    app[TOKENS] = tokens
+    app[FORWARDER] = Forwarder(
+        upstream_session, settings.upstream, tokens, token_key(settings.auth), metrics
+    )
+    yield
+    await tokens.close()
+    await upstream_session.close()
+    await token_session.close()
+
+
+async def _forward(request: web.Request) -> web.StreamResponse:
+    return await request.app[FORWARDER].forward(request)
+
+
+@web.middleware
+async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request, and turn the proxy's own errors into their answers."""
+    metrics = request.app[METRICS]
+    tenant = request.app[SETTINGS].auth.tenant
+    method = method_label(request.method)
+    started = time.perf_counter()
+    metrics.requests_in_flight.inc()
+    try:
+        response = await _answer(request, handler)
+    finally:
+        metrics.requests_in_flight.dec()
+    metrics.request_duration.labels(tenant, method).observe(time.perf_counter() - started)
+    metrics.requests.labels(tenant, method, str(response.status)).inc()
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        require_origin_form(request)
+        return await handler(request)
+    except ClientGone as exc:
+        logger.debug("%s %s: %s", request.method, logged_path(request), exc)
+        return error_response(exc)
+    except ProxyError as exc:
+        # A failed fetch was logged once by the token cache; its waiters need not repeat it.
+        level = logging.DEBUG if isinstance(exc, TokenUnavailable) else logging.ERROR
+        logger.log(
+            level,
+            "%s %s answered %d %s: %s",
+            request.method,
+            logged_path(request),
+            exc.status,
+            exc.code,
+            exc,
+        )
+        return error_response(exc)
+    except Exception:
+        logger.exception("%s %s failed inside the proxy", request.method, logged_path(request))
+        return error_response(
+            ProxyError("The proxy failed to handle this request; its log has the details.")
+        )
+
+
+def create_admin_app(metrics: Metrics, lifecycle: Lifecycle) -> web.Application:
+    """`/metrics`, `/healthz` and `/readyz`, on their own listener."""
+    app = web.Application()
+    app[METRICS] = metrics
+    app[LIFECYCLE] = lifecycle
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].exposition(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _healthz(_request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    phase = request.app[LIFECYCLE].phase
+    if phase is Phase.SERVING:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text=f"not ready: {phase.value}\n")

@@ -1,0 +1,143 @@
+"""The `skill-engine-proxy` command: run, check, demo.
+
+Exit status: 0 done, 1 failed (check failed, a listener could not be bound), 2 the command
+line or the config file is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import aiohttp
+
+from proxy import __version__
+from proxy.config import ListenAddress, Settings, load_settings, parse_listen_address
+from proxy.demo import run_demo
+from proxy.errors import ConfigError, ListenError, TokenUnavailable, describe_client_error
+from proxy.forwarder import new_upstream_session
+from proxy.metrics import Metrics
+from proxy.server import serve
+from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
+
+CONFIG_VARIABLE = "SKILL_ENGINE_PROXY_CONFIG"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+# How much of the upstream's /version answer `check` prints.
+_SHOWN_BYTES = 200
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    _configure_logging(logging.WARNING if arguments.command == "check" else logging.INFO)
+    try:
+        if arguments.command == "demo":
+            asyncio.run(run_demo(arguments.listen, arguments.admin_listen))
+            return EXIT_OK
+        settings = load_settings(_config_path(arguments.config))
+        if arguments.command == "check":
+            return asyncio.run(check(settings, sys.stdout))
+        asyncio.run(serve(settings))
+        return EXIT_OK
+    except ConfigError as exc:
+        print(f"skill-engine-proxy: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ListenError as exc:
+        print(f"skill-engine-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skill-engine-proxy",
+        description="Forward requests to TechWolf's Skill Engine API with a cached OAuth2 token.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config_help = f"the YAML config file (default: ${CONFIG_VARIABLE})"
+    run = commands.add_parser("run", help="serve until SIGTERM or SIGINT")
+    run.add_argument("--config", help=config_help)
+    check = commands.add_parser("check", help="fetch a token and call GET /version upstream")
+    check.add_argument("--config", help=config_help)
+
+    demo = commands.add_parser(
+        "demo", help="the proxy in front of stand-in services, no credentials needed"
+    )
+    demo.add_argument(
+        "--listen",
+        type=_listen_address,
+        default=ListenAddress("127.0.0.1", 8080),
+        help="proxy address (default: 127.0.0.1:8080)",
+    )
+    demo.add_argument(
+        "--admin-listen",
+        type=_listen_address,
+        default=ListenAddress("127.0.0.1", 9090),
+        help="metrics and health address (default: 127.0.0.1:9090)",
+    )
+    return parser
+
+
+def _listen_address(value: str) -> ListenAddress:
+    try:
+        return parse_listen_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _config_path(given: str | None) -> str:
+    path = given or os.environ.get(CONFIG_VARIABLE)
+    if not path:
+        raise ConfigError(
+            "(no config file)", [(None, f"pass --config FILE or set {CONFIG_VARIABLE}")]
+        )
+    return path
+
+
+def _configure_logging(level: int) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def check(settings: Settings, out: TextIO) -> int:
+    """Fetch a token and call `GET /version` with it, the documented way to test a token."""
+    auth = settings.auth
+    async with new_token_session() as token_session:
+        endpoint = TokenEndpoint(token_session, auth, Metrics())
+        try:
+            token = await endpoint.fetch(token_key(auth))
+        except TokenUnavailable as exc:
+            out.write(f"FAILED: no token. {exc}\n")
+            return EXIT_FAILED
+    scopes = " ".join(auth.scopes) if auth.scopes else "all"
+    out.write(
+        f"ok: token for tenant {auth.tenant} (scopes: {scopes}) from {auth.resolved_token_url}, "
+        f"valid for {token.lifetime:.0f} s\n"
+    )
+
+    url = f"{settings.upstream.url}/version"
+    async with new_upstream_session(settings.upstream) as session:
+        try:
+            async with session.get(
+                url, headers={"Authorization": token.authorization.get_secret_value()}
+            ) as response:
+                status = response.status
+                answer = await response.content.read(_SHOWN_BYTES)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            out.write(f"FAILED: GET {url}: {describe_client_error(exc)}\n")
+            return EXIT_FAILED
+
+    shown = answer.decode("utf-8", "replace").strip()
+    if status != 200:
+        out.write(f"FAILED: GET {url} answered {status}: {shown}\n")
+        return EXIT_FAILED
+    out.write(f"ok: GET {url} answered 200: {shown}\n")
+    return EXIT_OK

@@ -1,0 +1,336 @@
+"""The YAML config: read once, `${VAR}` expanded, validated into immutable settings.
+
+Every problem becomes one `ConfigError` that names the file and the dotted key, and never
+carries a secret's value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+from proxy.errors import ConfigError
+
+TOKEN_URLS = {
+    "eu": "https://techwolf.eu.auth0.com/oauth/token",
+    "us": "https://techwolf-us.us.auth0.com/oauth/token",
+}
+
+# RFC 6749 appendix A.4: a scope token is one or more of these characters.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
+
+# `$${` escapes a literal `${`; a `${` that is neither escaped nor well formed is an error.
+_VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where a listener binds: a TCP host and port, or a unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen_address(value: object) -> ListenAddress:
+    """Parse `host:port`, `[v6]:port` or `unix:/path`; port 0 lets the OS choose one."""
+    if isinstance(value, ListenAddress):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected host:port or unix:/path/to.sock")
+    if value.startswith("unix:"):
+        path = value.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute, got {path!r}")
+        return ListenAddress(path=path)
+
+    host, separator, port = value.rpartition(":")
+    if not separator or not host or not port.isdigit():
+        raise ValueError(f"expected host:port or unix:/path/to.sock, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if int(port) > 65535:
+        raise ValueError(f"port must be at most 65535, got {port}")
+    return ListenAddress(host=host, port=int(port))
+
+
+def is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def redact_url(value: str) -> str:
+    """`value` with any user:password part masked, for messages."""
+    try:
+        url = URL(value)
+    except ValueError:
+        return "<unparseable URL>"
+    if url.raw_user is None and url.raw_password is None:
+        return value
+    return str(url.with_user(None).with_password(None))
+
+
+def _service_url(value: str, *, what: str) -> str:
+    """Validate an http(s) URL the proxy sends credentials or tokens to; drop a trailing /.
+
+    Plain http is refused unless the host is loopback: a client secret or a bearer token
+    must not cross a network in clear (RFC 6750 section 5.3).
+    """
+    try:
+        url = URL(value)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not a valid URL: {exc}") from None
+    shown = redact_url(value)
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise ValueError(f"{what} must be an https:// URL with a host, got {shown!r}")
+    if url.raw_user is not None or url.raw_password is not None:
+        raise ValueError(f"{what} must not carry a user or password, got {shown!r}")
+    if url.raw_query_string or url.raw_fragment:
+        raise ValueError(f"{what} must not have a query or fragment, got {shown!r}")
+    if url.scheme == "http" and not is_loopback(url.host):
+        raise ValueError(
+            f"{what} uses plain http to a host that is not loopback ({shown!r}); "
+            "use https so that secrets and tokens are encrypted in transit"
+        )
+    return str(url).rstrip("/")
+
+
+Listen = Annotated[ListenAddress, BeforeValidator(parse_listen_address)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UpstreamSettings(_Section):
+    """The Skill Engine server requests are forwarded to."""
+
+    url: str
+    connect_timeout: PositiveSeconds = 10.0
+    read_timeout: PositiveSeconds = 60.0
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return _service_url(value, what="the upstream URL")
+
+
+class AuthSettings(_Section):
+    """Client credentials and the token they buy.
+
+    After `load_settings`, `client_secret` holds the secret even when it came from
+    `client_secret_file`.
+    """
+
+    region: Literal["eu", "us"] | None = None
+    token_url: str | None = None
+    client_id: NonEmpty
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    audience: NonEmpty
+    tenant: NonEmpty
+    scopes: tuple[str, ...] | None = None
+    refresh_margin: Annotated[float, Field(ge=0)] = 60.0
+
+    @field_validator("token_url")
+    @classmethod
+    def _check_token_url(cls, value: str | None) -> str | None:
+        return None if value is None else _service_url(value, what="the token URL")
+
+    @field_validator("client_secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _normalise_scopes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must name at least one scope; omit the key for all scopes")
+        for scope in value:
+            if not _SCOPE_TOKEN.fullmatch(scope):
+                raise ValueError(f"{scope!r} is not a valid scope name")
+        return tuple(sorted(set(value)))
+
+    @model_validator(mode="after")
+    def _check_choices(self) -> AuthSettings:
+        if self.region is None and self.token_url is None:
+            raise ValueError("set region (eu or us) or token_url")
+        if (self.client_secret is None) == (self.client_secret_file is None):
+            raise ValueError("set exactly one of client_secret and client_secret_file")
+        return self
+
+    @property
+    def resolved_token_url(self) -> str:
+        if self.token_url is not None:
+            return self.token_url
+        assert self.region is not None
+        return TOKEN_URLS[self.region]
+
+    @property
+    def secret(self) -> SecretStr:
+        assert self.client_secret is not None, "load_settings reads client_secret_file"
+        return self.client_secret
+
+
+class Settings(_Section):
+    """The whole config file."""
+
+    listen: Listen = ListenAddress(host="127.0.0.1", port=8080)
+    admin_listen: Listen | None = ListenAddress(host="127.0.0.1", port=9090)
+    upstream: UpstreamSettings
+    auth: AuthSettings
+
+
+def load_settings(
+    path: str | os.PathLike[str], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, expand and validate the config file at `path`; raise `ConfigError`."""
+    file = str(path)
+    document = _read_yaml(file)
+    expanded = expand_variables(document, os.environ if environ is None else environ, file=file)
+    try:
+        settings = Settings.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(file, [_describe(error) for error in exc.errors()]) from None
+    return _with_secret_file_read(settings, file=file)
+
+
+def _read_yaml(file: str) -> dict[str, Any]:
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, [(None, f"cannot read the file: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, [(None, "the file is not UTF-8 text")]) from None
+
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, [(None, _describe_yaml_error(exc))]) from None
+
+    if not isinstance(document, dict):
+        raise ConfigError(file, [(None, "expected a mapping of keys at the top level")])
+    return document
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "invalid YAML"
+    if mark is None:
+        return f"YAML syntax error: {problem}"
+    return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def expand_variables(node: Any, environ: Mapping[str, str], *, file: str, key: str = "") -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string value under `node`."""
+    if isinstance(node, dict):
+        return {
+            name: expand_variables(value, environ, file=file, key=_join(key, str(name)))
+            for name, value in node.items()
+        }
+    if isinstance(node, list):
+        return [
+            expand_variables(value, environ, file=file, key=f"{key}[{index}]")
+            for index, value in enumerate(node)
+        ]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if match.group(0) == "$${":
+            return "${"
+        if name is None:
+            raise ConfigError(file, [(key, "malformed ${...}: expected ${VAR} or ${VAR:-default}")])
+        value = environ.get(name, "")
+        if value:
+            return value
+        if default is not None:
+            return default
+        if name in environ:
+            return ""
+        raise ConfigError(file, [(key, f"environment variable {name} is not set")])
+
+    return _VARIABLE.sub(substitute, node)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _describe(error: Any) -> tuple[str | None, str]:
+    key = ""
+    for part in error["loc"]:
+        key = f"{key}[{part}]" if isinstance(part, int) else _join(key, str(part))
+    if error["type"] == "missing":
+        problem = "field required"
+    elif error["type"] == "extra_forbidden":
+        problem = "unknown key"
+    else:
+        problem = str(error["msg"]).removeprefix("Value error, ")
+        problem = problem[:1].lower() + problem[1:]
+    return key or None, problem
+
+
+def _with_secret_file_read(settings: Settings, *, file: str) -> Settings:
+    auth = settings.auth
+    if auth.client_secret_file is None:
+        return settings
+    secret = read_secret_file(auth.client_secret_file, file=file, key="auth.client_secret_file")
+    auth = auth.model_copy(update={"client_secret": secret})
+    return settings.model_copy(update={"auth": auth})
+
+
+def read_secret_file(path: Path, *, file: str, key: str) -> SecretStr:
+    """The secret in `path`, without the trailing newline editors and `echo` leave."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, [(key, f"cannot read {path}: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, [(key, f"{path} is not UTF-8 text")]) from None
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ConfigError(file, [(key, f"{path} is empty")])
+    return SecretStr(secret)

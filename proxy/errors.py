@@ -1,0 +1,125 @@
+"""The errors the proxy raises, and the JSON answers it makes of them.
+
+    ProxyError                       root; an HTTP status and a contract error code
+    ├── ConfigError                  the config file cannot be used (exit status 2)
+    ├── ListenError                  a listener cannot be bound (exit status 1)
+    ├── TokenUnavailable             503 token_unavailable: no valid token can be had now
+    │   ├── CredentialsRejected      the token endpoint refused the client credentials
+    │   ├── TokenEndpointUnreachable no answer, a timeout, a 5xx or a 429
+    │   └── BadTokenResponse         an answer that carries no usable token
+    ├── UpstreamUnreachable          502 upstream_unreachable
+    ├── UpstreamTimeout              504 upstream_timeout
+    ├── BadRequest                   400 bad_request
+    └── ClientGone                   the client hung up first; counted as 499, never sent
+
+Foreign exceptions (aiohttp's, the OS's) are translated into these once, where they happen;
+the proxy app's middleware turns each into one answer with `error_response`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import ClassVar
+
+import aiohttp
+from aiohttp import web
+
+ERROR_HEADER = "X-Skill-Engine-Proxy-Error"
+
+
+class ProxyError(Exception):
+    """Root of the proxy's own errors. The message is a sentence for an operator."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+
+class ConfigError(ProxyError):
+    """The config file is missing, malformed or names a value the proxy cannot use.
+
+    `problems` pairs a dotted key (None for the whole file) with what is wrong there.
+    """
+
+    def __init__(self, file: str, problems: list[tuple[str | None, str]]) -> None:
+        self.file = file
+        self.problems = problems
+        described = "; ".join(f"{key}: {problem}" if key else problem for key, problem in problems)
+        super().__init__(f"{file}: {described}")
+
+
+class ListenError(ProxyError):
+    """A listen address cannot be bound: in use, not permitted, or not on this host."""
+
+
+class TokenUnavailable(ProxyError):
+    """No valid token can be had now; `retry_after` is when trying again makes sense."""
+
+    status = 503
+    code = "token_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class CredentialsRejected(TokenUnavailable):
+    """The token endpoint answered that the client credentials are not accepted."""
+
+
+class TokenEndpointUnreachable(TokenUnavailable):
+    """The token endpoint could not be reached, timed out, failed or rate-limited us."""
+
+
+class BadTokenResponse(TokenUnavailable):
+    """The token endpoint answered, but not with a token the proxy can use."""
+
+
+class UpstreamUnreachable(ProxyError):
+    """The upstream connection failed or broke before a response began."""
+
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream did not connect or went silent for longer than the configured timeout."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class BadRequest(ProxyError):
+    """A request the proxy will not forward."""
+
+    status = 400
+    code = "bad_request"
+
+
+class ClientGone(ProxyError):
+    """The client closed its connection before the answer began (nginx counts this as 499)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
+def describe_client_error(exc: BaseException) -> str:
+    """A one-line account of an aiohttp client failure, without a traceback."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error is not None:
+        return exc.os_error.strerror or str(exc.os_error)
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """The contract's JSON answer for `error`, marked so it never passes for the upstream's."""
+    body = json.dumps({"error": error.code, "message": str(error)}).encode()
+    headers = {ERROR_HEADER: error.code}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        # RFC 9110 10.2.3: delay-seconds is a non-negative integer.
+        headers["Retry-After"] = str(max(0, math.ceil(retry_after)))
+    return web.Response(
+        status=error.status, body=body, content_type="application/json", headers=headers
+    )

@@ -1,0 +1,265 @@
+"""Forwarding one request: check the target, build the upstream request, attach the token,
+send it, and stream the answer back.
+
+The proxy adds nothing the client did not send except the bearer token, the upstream's own
+Host and the message framing of its own hop; it passes back what the upstream answered,
+minus hop-by-hop headers, without decoding the body.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.config import UpstreamSettings
+from proxy.errors import (
+    BadRequest,
+    ClientGone,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    describe_client_error,
+)
+from proxy.metrics import Metrics
+from proxy.tokens import TokenCache, TokenKey
+
+logger = logging.getLogger("skill_engine_proxy")
+
+# RFC 9110 7.6.1: hop-by-hop fields, plus the Connection header's own list (read per
+# message) and the obsolete Proxy-Connection that old clients still send.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request fields the proxy answers for itself at its own hop:
+# - Host is the upstream's (RFC 9110 7.2), set from the upstream URL;
+# - Authorization is replaced by exactly one bearer token (RFC 6750 2.1);
+# - Expect: 100-continue was already answered to the client by this server
+#   (RFC 9110 10.1.1), so the upstream gets the body without waiting for a second 100.
+_REQUEST_FIELDS_NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "expect"}
+
+# aiohttp's client would otherwise add these to a request the client sent without them.
+_NO_AUTO_HEADERS = frozenset(
+    {hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE}
+)
+
+
+class ForwardedResponse(web.StreamResponse):
+    """A response that relays an upstream answer.
+
+    aiohttp's server adds Server, and Content-Type to any response with a body; the
+    `strip_server_defaults` hook takes those out again when the upstream did not send them.
+    """
+
+    def __init__(self, upstream: aiohttp.ClientResponse) -> None:
+        super().__init__(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=forwardable_headers(upstream.headers, HOP_BY_HOP),
+        )
+        self.added_by_server = tuple(
+            name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in upstream.headers
+        )
+
+
+async def strip_server_defaults(_request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: a relayed answer carries only the upstream's headers."""
+    if isinstance(response, ForwardedResponse):
+        for name in response.added_by_server:
+            response.headers.popall(name, None)
+
+
+def connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """The field names listed in the Connection header(s), lower-cased (RFC 9110 7.6.1)."""
+    return frozenset(
+        option.strip().lower()
+        for value in headers.getall(hdrs.CONNECTION, ())
+        for option in value.split(",")
+        if option.strip()
+    )
+
+
+def forwardable_headers(
+    headers: CIMultiDictProxy[str], dropped: frozenset[str]
+) -> CIMultiDict[str]:
+    """`headers` without `dropped` and without the fields Connection names; repeats kept."""
+    named = connection_options(headers)
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered not in dropped and lowered not in named:
+            kept.add(name, value)
+    return kept
+
+
+def new_upstream_session(upstream: UpstreamSettings) -> aiohttp.ClientSession:
+    """The one pooled session to the upstream: verified TLS, no cookie jar, bodies as sent."""
+    return aiohttp.ClientSession(
+        # No pool limit: the proxy holds as many upstream connections as it has clients.
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=upstream.connect_timeout, sock_read=upstream.read_timeout
+        ),
+        # Nothing one caller receives may be replayed on another caller's request.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Bodies pass through as received: a gzip body keeps its bytes and Content-Encoding.
+        auto_decompress=False,
+        requote_redirect_url=False,
+        skip_auto_headers=_NO_AUTO_HEADERS,
+    )
+
+
+def logged_path(request: web.Request) -> str:
+    """The path as the client sent it, without the query: still percent-encoded, so a
+    `%0A` cannot forge a log line, and no query value reaches the logs."""
+    return request.raw_path.partition("?")[0]
+
+
+def require_origin_form(request: web.Request) -> None:
+    """Refuse a request whose target is not a path (RFC 9112 3.2).
+
+    Absolute-form, authority-form (CONNECT) and asterisk-form targets ask for a forward
+    proxy; this one only relays to its configured upstream. The router cannot match them,
+    so this runs before routing's answer is used.
+    """
+    target = request.raw_path
+    if request.method == hdrs.METH_CONNECT or not target.startswith("/"):
+        raise BadRequest(
+            "The proxy forwards origin-form requests (a path such as /version) to its "
+            f"configured upstream; it does not accept {request.method} {target[:100]!r}."
+        )
+
+
+class Forwarder:
+    """Forwards requests to one upstream with the token for one `TokenKey` attached."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream: UpstreamSettings,
+        tokens: TokenCache,
+        key: TokenKey,
+        metrics: Metrics,
+    ) -> None:
+        self._session = session
+        self._base = upstream.url
+        self._connect_timeout = upstream.connect_timeout
+        self._read_timeout = upstream.read_timeout
+        self._tokens = tokens
+        self._key = key
+        self.tenant = key.tenant
+        self._cache_hits = metrics.token_cache_lookups.labels(key.tenant, "hit")
+        self._cache_misses = metrics.token_cache_lookups.labels(key.tenant, "miss")
+        self._upstream_errors = metrics.upstream_errors
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        """Forward `request` upstream and stream the answer back."""
+        url = self._upstream_url(request)
+        headers = forwardable_headers(request.headers, _REQUEST_FIELDS_NOT_FORWARDED)
+        headers[hdrs.AUTHORIZATION] = await self._authorization()
+
+        upstream = await self._send(request, url, headers)
+        try:
+            return await self._stream_back(request, upstream)
+        finally:
+            upstream.release()
+
+    def _upstream_url(self, request: web.Request) -> URL:
+        # encoded=True: the path and query reach the upstream exactly as the client sent them.
+        return URL(self._base + request.raw_path, encoded=True)
+
+    async def _authorization(self) -> str:
+        token = self._tokens.cached(self._key)
+        if token is not None:
+            self._cache_hits.inc()
+        else:
+            self._cache_misses.inc()
+            token = await self._tokens.fetch(self._key)
+        return token.authorization.get_secret_value()
+
+    async def _send(
+        self, request: web.Request, url: URL, headers: CIMultiDict[str]
+    ) -> aiohttp.ClientResponse:
+        body = request.content if request.body_exists else None
+        try:
+            return await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if request.transport is None:
+                # The client hung up, maybe mid-upload: not the upstream's failure.
+                raise ClientGone("The client closed the connection before the answer.") from exc
+            raise self._failure(exc) from exc
+
+    def _failure(self, exc: BaseException) -> UpstreamUnreachable | UpstreamTimeout:
+        reason = upstream_error_reason(exc)
+        self._upstream_errors.labels(self.tenant, reason).inc()
+        if reason == "timeout":
+            limit = (
+                f"connect_timeout ({self._connect_timeout:g} s)"
+                if isinstance(exc, aiohttp.ConnectionTimeoutError)
+                else f"read_timeout ({self._read_timeout:g} s)"
+            )
+            return UpstreamTimeout(f"The upstream {self._base} did not answer within {limit}.")
+        return UpstreamUnreachable(
+            f"The upstream {self._base} could not be reached ({reason}): "
+            f"{describe_client_error(exc)}."
+        )
+
+    async def _stream_back(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        response = ForwardedResponse(upstream)
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            logger.debug("The client went away while its answer was streamed.")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            reason = upstream_error_reason(exc)
+            self._upstream_errors.labels(self.tenant, reason).inc()
+            logger.error(
+                "The upstream broke off its answer to %s %s (%s): %s",
+                request.method,
+                logged_path(request),
+                reason,
+                describe_client_error(exc),
+            )
+            # The status line is sent: closing without the final chunk (or short of
+            # Content-Length) is the only way to tell the client the body is incomplete.
+            if request.transport is not None:
+                request.transport.close()
+        return response
+
+
+def upstream_error_reason(exc: BaseException) -> str:
+    """The `reason` label for an upstream failure."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "tls"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "reset"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "reset"
+    return "protocol"

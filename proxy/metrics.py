@@ -1,0 +1,81 @@
+"""The Prometheus metrics of the contract, in a registry of the proxy's own.
+
+Labels hold only values the config bounds (tenant, scope set) or the protocol bounds
+(method, status, error reason): never a path, a query, a token or a secret.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+PREFIX = "skill_engine_proxy"
+
+# RFC 9110 section 9 plus PATCH (RFC 5789); anything else is counted as "other".
+STANDARD_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
+
+
+def method_label(method: str) -> str:
+    return method if method in STANDARD_METHODS else "other"
+
+
+class Metrics:
+    """Every metric the proxy exports, registered in `registry`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.token_fetches = Counter(
+            f"{PREFIX}_token_fetches",
+            "Token requests sent to the token endpoint, by outcome.",
+            ["tenant", "outcome"],
+            registry=registry,
+        )
+        self.token_fetch_duration = Histogram(
+            f"{PREFIX}_token_fetch_duration_seconds",
+            "Time a token request took, answered or failed.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.token_cache_lookups = Counter(
+            f"{PREFIX}_token_cache_lookups",
+            "Token cache lookups made for proxied requests: hit, or miss and a wait for a fetch.",
+            ["tenant", "result"],
+            registry=registry,
+        )
+        self.token_expiry = Gauge(
+            f"{PREFIX}_token_expiry_timestamp_seconds",
+            "UNIX time at which the newest token for a tenant and scope set expires.",
+            ["tenant", "scopes"],
+            registry=registry,
+        )
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "Requests answered on the proxy listener, by the status sent to the client.",
+            ["tenant", "method", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from receiving a request to the end of its response.",
+            ["tenant", "method"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            f"{PREFIX}_upstream_errors",
+            "Upstream exchanges that failed: connect, tls, timeout, reset, protocol.",
+            ["tenant", "reason"],
+            registry=registry,
+        )
+        self.requests_in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight",
+            "Requests being proxied now.",
+            registry=registry,
+        )
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The metrics in the format `accept` prefers (Prometheus text or OpenMetrics)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type

@@ -1,0 +1,233 @@
+"""Stand-ins for TechWolf's token endpoint and Skill Engine, as small aiohttp apps.
+
+`demo` runs them on loopback so the proxy can be tried without credentials or network, and
+the tests run them to see exactly what the proxy sent. They behave like the real services
+where the proxy can tell (status codes, error bodies, bearer checks) and can be told to
+misbehave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from proxy.tokens import fingerprint
+
+# What the stand-ins remember of recent requests, for tests and a long-running demo alike.
+_REMEMBERED = 1000
+_CHUNK = 64 * 1024
+ALL_SCOPES = ("read", "write", "read_reports")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A canned answer the stand-in token endpoint gives instead of a token."""
+
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """A token request as the stand-in received it."""
+
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class Issued:
+    scopes: tuple[str, ...]
+    expires_at: float
+
+
+class StandinTokenEndpoint:
+    """Answers client-credentials requests like TechWolf's Auth0 tenant does.
+
+    `lifetime` is the `expires_in` it answers (a number, or a string to mimic a server that
+    sends one); `delay` holds every answer back; `answer_next` queues canned failures.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str = "standin-client",
+        client_secret: str = "standin-secret",  # noqa: S107 - the stand-in's own secret
+        audience: str = "standin.techwolf.ai",
+        lifetime: float | str = 3600,
+        delay: float = 0.0,
+    ) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.audience = audience
+        self.lifetime = lifetime
+        self.delay = delay
+        self.requests: deque[TokenRequest] = deque(maxlen=_REMEMBERED)
+        self.issued: dict[str, Issued] = {}
+        self._queued: deque[Answer] = deque()
+
+    def answer_next(self, answer: Answer, times: int = 1) -> None:
+        """Give `answer` to the next `times` token requests."""
+        self._queued.extend([answer] * times)
+
+    def is_valid(self, token: str) -> bool:
+        issued = self.issued.get(token)
+        return issued is not None and time.monotonic() < issued.expires_at
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/oauth/token", self._token)
+        return app
+
+    async def _token(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append(TokenRequest(dict(request.headers), body))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self._queued:
+            return _answer(self._queued.popleft())
+        return self._grant(request, body)
+
+    def _grant(self, request: web.Request, body: bytes) -> web.Response:
+        if request.content_type != "application/json":
+            return _oauth_error(400, "invalid_request", "Content-Type must be application/json")
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return _oauth_error(400, "invalid_request", "Invalid JSON body")
+        if not isinstance(payload, dict) or payload.get("grant_type") != "client_credentials":
+            return _oauth_error(403, "unauthorized_client", "Grant type not allowed")
+        if (
+            payload.get("client_id") != self.client_id
+            or payload.get("client_secret") != self.client_secret
+        ):
+            return _oauth_error(401, "access_denied", "Unauthorized")
+        if payload.get("audience") != self.audience:
+            return _oauth_error(
+                403, "access_denied", f"Service not found: {payload.get('audience')}"
+            )
+
+        requested = payload.get("scopes")
+        scopes = tuple(requested) if isinstance(requested, list) else ALL_SCOPES
+        token = secrets.token_urlsafe(32)
+        self.issued[token] = Issued(scopes, time.monotonic() + float(self.lifetime))
+        return web.json_response(
+            {
+                "access_token": token,
+                "expires_in": self.lifetime,
+                "scope": " ".join(scopes),
+                "token_type": "Bearer",
+            }
+        )
+
+
+def _oauth_error(status: int, error: str, description: str) -> web.Response:
+    return web.json_response({"error": error, "error_description": description}, status=status)
+
+
+def _answer(answer: Answer) -> web.Response:
+    if answer.body is None or isinstance(answer.body, bytes | str):
+        return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+    return web.json_response(answer.body, status=answer.status, headers=answer.headers)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A request as the stand-in Skill Engine received it, header bytes as sent."""
+
+    method: str
+    raw_path: str
+    raw_headers: tuple[tuple[bytes, bytes], ...]
+
+    def header_values(self, name: str) -> list[str]:
+        wanted = name.lower().encode()
+        return [value.decode("latin-1") for key, value in self.raw_headers if key.lower() == wanted]
+
+
+class StandinSkillEngine:
+    """A Skill Engine that accepts only tokens `tokens` issued and unexpired.
+
+    Routes: `GET /version`; `/echo...` (any method) describes the request it got;
+    `GET /bytes/{n}` streams n bytes; `/sink` reads a whole body and reports its size and hash.
+    """
+
+    def __init__(self, tokens: StandinTokenEndpoint) -> None:
+        self.tokens = tokens
+        self.received: deque[Received] = deque(maxlen=_REMEMBERED)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._bearer_only])
+        app.router.add_get("/version", self._version)
+        app.router.add_route("*", r"/echo{tail:[\s\S]*}", self._echo)
+        app.router.add_get("/bytes/{size:[0-9]+}", self._bytes)
+        app.router.add_route("*", "/sink", self._sink)
+        return app
+
+    @web.middleware
+    async def _bearer_only(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.received.append(Received(request.method, request.raw_path, tuple(request.raw_headers)))
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not self.tokens.is_valid(token):
+            # RFC 6750 3.1: the challenge names the error.
+            return web.json_response(
+                {"error": "invalid_token", "message": "A valid bearer token is required."},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _version(self, _request: web.Request) -> web.Response:
+        return web.json_response({"service": "Skill Engine stand-in", "version": "standin"})
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        token = request.headers["Authorization"].partition(" ")[2]
+        shown_token = f"Bearer <token {fingerprint(token)}>"
+        headers = [
+            [name, shown_token if name.lower() == "authorization" else value]
+            for name, value in request.headers.items()
+        ]
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "headers": headers,
+                "body_bytes": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "token_fingerprint": fingerprint(token),
+            }
+        )
+
+    async def _bytes(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["size"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if "length" in request.query:
+            response.content_length = size
+        await response.prepare(request)
+        block = b"x" * _CHUNK
+        while size > 0:
+            await response.write(block[:size])
+            size -= _CHUNK
+        await response.write_eof()
+        return response
+
+    async def _sink(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response({"bytes": size, "sha256": digest.hexdigest()})

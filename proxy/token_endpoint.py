@@ -1,0 +1,216 @@
+"""The token endpoint client: one client-credentials request, its answer read into a Token.
+
+This is the only module that sends the client secret anywhere, and the only place the
+token endpoint's answers and failures are translated into the proxy's errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+
+from proxy import __version__
+from proxy.config import AuthSettings
+from proxy.errors import (
+    BadTokenResponse,
+    CredentialsRejected,
+    TokenEndpointUnreachable,
+    TokenUnavailable,
+    describe_client_error,
+)
+from proxy.metrics import Metrics
+from proxy.tokens import Clock, Token, TokenKey, parse_token_response
+
+# A token answer is a few kilobytes; more than this is not a token endpoint talking.
+MAX_ANSWER_BYTES = 64 * 1024
+# Auth0 answers in well under a second; past these the endpoint is treated as unreachable.
+CONNECT_TIMEOUT = 10.0
+TOTAL_TIMEOUT = 30.0
+# OAuth errors that mean the request was understood and the client is not allowed
+# (RFC 6749 5.2; Auth0 also answers 401/403 with access_denied).
+_REJECTION_ERRORS = frozenset(
+    {"invalid_client", "unauthorized_client", "access_denied", "invalid_grant"}
+)
+
+
+def token_key(auth: AuthSettings) -> TokenKey:
+    """The cache key of the token `auth` asks for."""
+    return TokenKey(
+        token_url=auth.resolved_token_url,
+        client_id=auth.client_id,
+        audience=auth.audience,
+        tenant=auth.tenant,
+        scopes=auth.scopes,
+    )
+
+
+def token_request_body(auth: AuthSettings) -> dict[str, Any]:
+    """The documented client-credentials request; `scopes` only when configured."""
+    body: dict[str, Any] = {
+        "client_id": auth.client_id,
+        "client_secret": auth.secret.get_secret_value(),
+        "audience": auth.audience,
+        "grant_type": "client_credentials",
+        "tenant": auth.tenant,
+    }
+    if auth.scopes is not None:
+        body["scopes"] = list(auth.scopes)
+    return body
+
+
+def new_token_session() -> aiohttp.ClientSession:
+    """A session for token requests: verified TLS, no cookies kept between requests."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": f"skill-engine-proxy/{__version__}"},
+    )
+
+
+class TokenEndpoint:
+    """Requests tokens for one set of client credentials."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        auth: AuthSettings,
+        metrics: Metrics,
+        *,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._auth = auth
+        self._metrics = metrics
+        self._clock = clock
+        self._url = auth.resolved_token_url
+
+    async def fetch(self, key: TokenKey) -> Token:
+        """Request a token for `key`; raise a `TokenUnavailable` that says why not."""
+        tenant = self._auth.tenant
+        started = time.perf_counter()
+        try:
+            token = await self._request(key)
+        except TokenUnavailable:
+            self._metrics.token_fetches.labels(tenant, "error").inc()
+            raise
+        finally:
+            self._metrics.token_fetch_duration.labels(tenant).observe(time.perf_counter() - started)
+
+        self._metrics.token_fetches.labels(tenant, "success").inc()
+        self._metrics.token_expiry.labels(tenant, key.scopes_label).set(token.expires_at_wall)
+        return token
+
+    async def _request(self, key: TokenKey) -> Token:
+        body = json.dumps(token_request_body(self._auth)).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        obtained_at = self._clock()
+        wall_time = time.time()
+        try:
+            async with self._session.post(
+                self._url, data=body, headers=headers, allow_redirects=False
+            ) as response:
+                answer = await _read_limited(response)
+                status = response.status
+                retry_after = _retry_after(response.headers)
+        except TimeoutError as exc:
+            raise TokenEndpointUnreachable(
+                f"The token endpoint {self._url} did not answer within {TOTAL_TIMEOUT:.0f} s."
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise TokenEndpointUnreachable(
+                f"Could not reach the token endpoint {self._url}: {describe_client_error(exc)}."
+            ) from exc
+
+        if status == 200:
+            return parse_token_response(
+                _json_or_none(answer),
+                obtained_at=obtained_at,
+                wall_time=wall_time,
+                endpoint=self._url,
+            )
+        raise self._failure(status, answer, retry_after)
+
+    def _failure(self, status: int, answer: bytes, retry_after: float | None) -> TokenUnavailable:
+        error, description = _oauth_error(_json_or_none(answer))
+        quoted = self._quote(error, description)
+        if status in (401, 403) or (status == 400 and error in _REJECTION_ERRORS):
+            return CredentialsRejected(
+                f"The token endpoint {self._url} rejected the client credentials for "
+                f"client_id {self._auth.client_id} (HTTP {status}{quoted}). Check auth.client_id, "
+                "the client secret, auth.audience and auth.tenant."
+            )
+        if status == 429:
+            return TokenEndpointUnreachable(
+                f"The token endpoint {self._url} is rate-limiting token requests "
+                f"(HTTP 429{quoted}).",
+                retry_after=retry_after,
+            )
+        if status >= 500:
+            return TokenEndpointUnreachable(
+                f"The token endpoint {self._url} failed with HTTP {status}{quoted}.",
+                retry_after=retry_after,
+            )
+        return BadTokenResponse(
+            f"The token endpoint {self._url} answered HTTP {status}{quoted} instead of a token."
+        )
+
+    def _quote(self, error: str | None, description: str | None) -> str:
+        """Auth0's own words, trimmed, printable, and never the secret even if echoed."""
+        words = ": ".join(part for part in (error, description) if part)
+        if not words:
+            return ""
+        words = "".join(c if c.isprintable() else " " for c in words)[:300]
+        secret = self._auth.secret.get_secret_value()
+        return f": {words.replace(secret, '***')}"
+
+
+async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
+    answer = bytearray()
+    async for chunk in response.content.iter_any():
+        answer += chunk
+        if len(answer) > MAX_ANSWER_BYTES:
+            raise BadTokenResponse(
+                f"The token endpoint {response.url} sent more than {MAX_ANSWER_BYTES} bytes."
+            )
+    return bytes(answer)
+
+
+def _json_or_none(answer: bytes) -> Any:
+    try:
+        return json.loads(answer)
+    except ValueError:
+        return None
+
+
+def _oauth_error(payload: Any) -> tuple[str | None, str | None]:
+    """Auth0's `error` and `error_description` (RFC 6749 5.2), when the answer has them."""
+    if not isinstance(payload, dict):
+        return None, None
+    error = payload.get("error")
+    description = payload.get("error_description")
+    return (
+        error if isinstance(error, str) else None,
+        description if isinstance(description, str) else None,
+    )
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait, from Retry-After or Auth0's x-ratelimit-reset, if either is usable."""
+    value = (headers.get("Retry-After") or "").strip()
+    if value.isdigit():
+        return float(value)
+    if value:
+        # RFC 9110 10.2.3: Retry-After is delay-seconds or an HTTP-date.
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            pass
+    reset = (headers.get("x-ratelimit-reset") or "").strip()
+    if reset.isdigit():
+        # Auth0 sends the UNIX time at which its rate limit resets.
+        return max(0.0, float(reset) - time.time())
+    return None

@@ -1,0 +1,134 @@
+"""What several test modules share: settings, a raw HTTP client, a fake clock, metric reads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import Settings
+
+# The stand-in's credentials; tests grep logs and answers for them.
+CLIENT_ID = "standin-client"
+SECRET = "standin-secret"
+AUDIENCE = "standin.techwolf.ai"
+TENANT = "acme_test"
+
+
+def settings_document(standin_token_url: str, upstream_url: str, **auth: Any) -> dict[str, Any]:
+    """A config document for the stand-ins; `auth` keys override the defaults, and
+    `upstream` holds keys of the upstream section."""
+    upstream = auth.pop("upstream", {})
+    return {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:0",
+        "upstream": {"url": upstream_url, **upstream},
+        "auth": {
+            "token_url": standin_token_url,
+            "client_id": CLIENT_ID,
+            "client_secret": SECRET,
+            "audience": AUDIENCE,
+            "tenant": TENANT,
+            **auth,
+        },
+    }
+
+
+def make_settings(standin_token_url: str, upstream_url: str, **auth: Any) -> Settings:
+    return Settings.model_validate(settings_document(standin_token_url, upstream_url, **auth))
+
+
+@dataclass
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    head: bytes = field(repr=False, default=b"")
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+
+async def raw_exchange(url: str, request: bytes) -> RawResponse:
+    """Send `request` byte for byte on a new connection; read the answer until it closes."""
+    match = re.match(r"http://([^:/]+):(\d+)", url)
+    assert match, url
+    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    while answer.startswith(b"HTTP/1.1 1"):  # interim answers such as 100 Continue
+        answer = answer.partition(b"\r\n\r\n")[2]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = [tuple(line.split(": ", 1)) for line in lines]
+    return RawResponse(int(status_line.split()[1]), headers, body, head)  # type: ignore[arg-type]
+
+
+def samples(metrics_text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus exposition, keyed by name and sorted labels."""
+    found = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def sample(metrics_text: str, name: str, **labels: str) -> float:
+    return samples(metrics_text).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@dataclass
+class HeldRoute:
+    """`GET /slow` on an upstream: it answers only once the test releases it."""
+
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def routes(self) -> web.RouteTableDef:
+        routes = web.RouteTableDef()
+
+        @routes.get("/slow")
+        async def slow(_request: web.Request) -> web.Response:
+            self.arrived.set()
+            await self.release.wait()
+            return web.Response(text="finished")
+
+        return routes
+
+
+def write_config(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(document))  # JSON is YAML
+    return path
+
+
+def proxy_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "proxy", *arguments]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}

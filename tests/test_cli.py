@@ -1,0 +1,312 @@
+"""The command line as a user runs it: separate processes, real signals, exit statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy import __version__
+from tests.conftest import Standins, StartStandins
+from tests.support import (
+    SECRET,
+    HeldRoute,
+    proxy_command,
+    settings_document,
+    subprocess_env,
+    write_config,
+)
+
+LISTENING = re.compile(r"Listening on (http://\S+) \(admin: (http://\S+)\)")
+
+
+@dataclass
+class Running:
+    """A proxy process and everything it has written to stderr so far."""
+
+    process: asyncio.subprocess.Process
+    proxy_url: str = ""
+    admin_url: str = ""
+    stderr: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.stderr)
+
+    async def wait_for_log(self, text: str) -> None:
+        while text not in self.log:
+            assert self.process.returncode is None, self.log
+            await asyncio.sleep(0.02)
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        return await asyncio.wait_for(self.process.wait(), timeout=30)
+
+
+async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
+    while line := await stream.readline():
+        lines.append(line.decode())
+
+
+@asynccontextmanager
+async def running_proxy(config: Path) -> AsyncIterator[Running]:
+    """`run --config`, waited on until it says where it listens."""
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("run", "--config", str(config)),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    assert process.stderr is not None
+    running = Running(process)
+    reader = asyncio.create_task(_collect(process.stderr, running.stderr))
+    try:
+        await running.wait_for_log("Listening on")
+        match = LISTENING.search(running.log)
+        assert match, running.log
+        running.proxy_url, running.admin_url = match.groups()
+        yield running
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await reader
+
+
+async def run_command(*arguments: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command(*arguments),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+@pytest.fixture
+def config_for(tmp_path: Path) -> Callable[..., Path]:
+    def write(standins: Standins, **auth: object) -> Path:
+        document = settings_document(standins.token_url, standins.upstream_url, **auth)
+        return write_config(tmp_path / "config.yaml", document)
+
+    return write
+
+
+async def test_version() -> None:
+    status, stdout, _ = await run_command("--version")
+    assert status == 0
+    assert stdout.strip() == f"skill-engine-proxy {__version__}"
+
+
+async def test_run_serves_until_sigterm_and_exits_0(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    async with running_proxy(config_for(standins)) as proxy:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{proxy.proxy_url}/version") as response,
+        ):
+            assert response.status == 200
+        assert await proxy.stop() == 0
+
+    start_line = next(line for line in proxy.stderr if "Listening on" in line)
+    assert standins.upstream_url in start_line
+    assert standins.token_url in start_line
+    assert SECRET not in proxy.log
+    [token] = standins.tokens.issued
+    assert token not in proxy.log
+
+
+async def test_sigterm_lets_the_request_in_flight_finish(
+    start_standins: StartStandins, config_for: Callable[..., Path]
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    async with running_proxy(config_for(standins)) as proxy, aiohttp.ClientSession() as client:
+
+        async def slow_call() -> tuple[int, str]:
+            async with client.get(f"{proxy.proxy_url}/slow") as response:
+                return response.status, await response.text()
+
+        in_flight = asyncio.create_task(slow_call())
+        await held.arrived.wait()
+        proxy.process.send_signal(signal.SIGTERM)
+        await proxy.wait_for_log("Stopping")
+        held.release.set()
+        assert await in_flight == (200, "finished")
+        assert await asyncio.wait_for(proxy.process.wait(), timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    ("auth", "expected"),
+    [
+        ({"client_id": None}, "auth.client_id: input should be a valid string"),
+        ({"tenant": ""}, "auth.tenant: string should have at least 1 character"),
+        ({"token_url": "http://auth.example/oauth/token"}, "auth.token_url: the token URL uses"),
+        ({"client_secret": "${NOT_SET_ANYWHERE}"}, "environment variable NOT_SET_ANYWHERE"),
+        ({"upstream": {"read_timeout": "soon"}}, "upstream.read_timeout: input should be"),
+    ],
+)
+async def test_a_config_error_exits_2_with_one_line_naming_the_key(
+    standins: Standins, config_for: Callable[..., Path], auth: dict[str, object], expected: str
+) -> None:
+    config = config_for(standins, **auth)
+    for command in ("run", "check"):
+        status, stdout, stderr = await run_command(command, "--config", str(config))
+        assert status == 2
+        assert stdout == ""
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        assert f"{config}: " in stderr
+        assert expected in stderr
+        assert SECRET not in stderr
+
+
+async def test_no_config_at_all_exits_2() -> None:
+    status, _, stderr = await run_command("run")
+    assert status == 2
+    assert "SKILL_ENGINE_PROXY_CONFIG" in stderr
+
+
+async def test_check_succeeds_against_a_working_setup(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    status, stdout, _ = await run_command("check", "--config", str(config_for(standins)))
+    assert status == 0, stdout
+    assert "ok: token for tenant" in stdout
+    assert "/version answered 200" in stdout
+    assert [received.raw_path for received in standins.skill_engine.received] == ["/version"]
+    assert SECRET not in stdout
+
+
+@pytest.mark.parametrize(
+    ("auth", "expected"),
+    [
+        ({"client_secret": "wrong-secret"}, "rejected the client credentials"),
+        ({"upstream": {"url": "http://127.0.0.1:9/"}}, "FAILED: GET http://127.0.0.1:9/version"),
+        ({"audience": "other.techwolf.ai"}, "Service not found"),
+    ],
+)
+async def test_check_fails_with_the_reason(
+    standins: Standins, config_for: Callable[..., Path], auth: dict[str, object], expected: str
+) -> None:
+    status, stdout, _ = await run_command("check", "--config", str(config_for(standins, **auth)))
+    assert status == 1
+    assert expected in stdout
+    assert "wrong-secret" not in stdout
+
+
+async def test_check_fails_when_the_upstream_refuses_the_token(
+    start_standins: StartStandins, config_for: Callable[..., Path]
+) -> None:
+    standins = await start_standins()
+    standins.tokens.is_valid = lambda token: False  # type: ignore[method-assign]
+    status, stdout, _ = await run_command("check", "--config", str(config_for(standins)))
+    assert status == 1
+    assert "/version answered 401" in stdout
+
+
+async def test_demo_answers_the_readme_curl_and_stops_on_ctrl_c() -> None:
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    stderr: list[str] = []
+    reader = asyncio.create_task(_collect(process.stderr, stderr))
+    printed = ""
+    while "Ctrl-C" not in printed:
+        line = await asyncio.wait_for(process.stdout.readline(), timeout=20)
+        assert line, "".join(stderr)
+        printed += line.decode()
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    curls = re.findall(r"curl -s (http://\S+)(?: -d '([^']*)')?", printed)
+    assert len(curls) == 2
+    async with aiohttp.ClientSession() as client:
+        version_url = curls[0][0]
+        async with client.get(version_url) as response:
+            assert response.status == 200
+            answer = await response.text()
+        assert answer in readme  # the README shows what the demo answers
+        echo_url, body = curls[1]
+        async with client.post(echo_url, data=body.encode()) as response:
+            echoed = await response.json()
+        assert echoed["body_bytes"] == len(body)
+        assert echoed["token_fingerprint"]
+        metrics_url = re.search(r"Metrics: (\S+)", printed)
+        assert metrics_url
+        async with client.get(metrics_url.group(1)) as response:
+            assert "skill_engine_proxy_token_fetches_total" in await response.text()
+
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    await reader
+
+
+async def test_a_taken_port_exits_1(standins: Standins, config_for: Callable[..., Path]) -> None:
+    async with running_proxy(config_for(standins)) as first:
+        port = first.proxy_url.rsplit(":", 1)[1]
+        document = settings_document(standins.token_url, standins.upstream_url)
+        document["listen"] = f"127.0.0.1:{port}"
+        config = write_config(Path(str(config_for(standins)) + ".second.yaml"), document)
+        status, _, stderr = await run_command("run", "--config", str(config))
+    assert status == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in stderr
+
+
+def _vm_kib(pid: int, field_name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field_name}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field_name} for {pid}")
+
+
+async def _upload(client: aiohttp.ClientSession, url: str, size: int) -> dict[str, object]:
+    block = b"u" * (256 * 1024)
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    async with client.post(url, data=body()) as response:
+        assert response.status == 200
+        answer: dict[str, object] = await response.json()
+        return answer
+
+
+async def _download(client: aiohttp.ClientSession, url: str) -> int:
+    received = 0
+    async with client.get(url) as response:
+        assert response.status == 200
+        async for chunk in response.content.iter_chunked(256 * 1024):
+            received += len(chunk)
+    return received
+
+
+async def test_200_mib_streams_each_way_without_the_proxy_growing_with_it(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    size = 200 * 1024 * 1024
+    async with running_proxy(config_for(standins)) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.proxy_url}/bytes/1024") as response:
+            assert response.status == 200
+        baseline = _vm_kib(proxy.process.pid, "VmRSS")
+
+        assert await _download(client, f"{proxy.proxy_url}/bytes/{size}") == size
+        uploaded = await _upload(client, f"{proxy.proxy_url}/sink", size)
+        assert uploaded["bytes"] == size
+
+        growth_mib = (_vm_kib(proxy.process.pid, "VmHWM") - baseline) / 1024
+        assert growth_mib < 32, f"the proxy grew by {growth_mib:.0f} MiB for 200 MiB each way"
+        assert await proxy.stop() == 0

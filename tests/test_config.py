@@ -1,0 +1,241 @@
+"""The config file: expansion, validation, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.config import TOKEN_URLS, ListenAddress, load_settings
+from proxy.errors import ConfigError
+
+SECRET = "s3cr3t-value-never-printed"
+
+MINIMAL = """\
+upstream:
+  url: https://skill-engine.example
+auth:
+  region: eu
+  client_id: my-client
+  client_secret: ${SECRET_VAR}
+  audience: eu3.techwolf.ai
+  tenant: company_xyz
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def config_error(path: Path, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {"SECRET_VAR": SECRET} if environ is None else environ)
+    message = str(caught.value)
+    assert SECRET not in message
+    assert message.startswith(f"{path}: ")
+    return message
+
+
+def test_minimal_config_gets_the_contract_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL), {"SECRET_VAR": SECRET})
+
+    assert settings.listen == ListenAddress("127.0.0.1", 8080)
+    assert settings.admin_listen == ListenAddress("127.0.0.1", 9090)
+    assert settings.upstream.connect_timeout == 10
+    assert settings.upstream.read_timeout == 60
+    assert settings.auth.refresh_margin == 60
+    assert settings.auth.scopes is None
+    assert settings.auth.resolved_token_url == "https://techwolf.eu.auth0.com/oauth/token"
+    assert settings.auth.secret.get_secret_value() == SECRET
+    assert SECRET not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("region", "url"),
+    [
+        ("eu", "https://techwolf.eu.auth0.com/oauth/token"),
+        ("us", "https://techwolf-us.us.auth0.com/oauth/token"),
+    ],
+)
+def test_region_picks_the_documented_token_url(tmp_path: Path, region: str, url: str) -> None:
+    text = MINIMAL.replace("region: eu", f"region: {region}")
+    assert (
+        load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET}).auth.resolved_token_url == url
+    )
+    assert TOKEN_URLS[region] == url
+
+
+def test_token_url_overrides_region(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "region: eu", "region: eu\n  token_url: https://auth.example/oauth/token"
+    )
+    settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+    assert settings.auth.resolved_token_url == "https://auth.example/oauth/token"
+
+
+def test_scopes_are_sorted_and_free_of_duplicates(tmp_path: Path) -> None:
+    text = MINIMAL + "  scopes: [write, read, write]\n"
+    settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+    assert settings.auth.scopes == ("read", "write")
+
+
+def test_variables_expand_with_defaults_and_escapes(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "audience: eu3.techwolf.ai", "audience: ${AUDIENCE:-eu3.techwolf.ai}"
+    ).replace("tenant: company_xyz", "tenant: ${TENANT}_$${literal}")
+    settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET, "TENANT": "acme"})
+    assert settings.auth.audience == "eu3.techwolf.ai"
+    assert settings.auth.tenant == "acme_${literal}"
+
+
+def test_secret_file_is_read_without_its_trailing_newline(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    text = MINIMAL.replace("client_secret: ${SECRET_VAR}", f"client_secret_file: {secret_file}")
+    settings = load_settings(write(tmp_path, text), {})
+    assert settings.auth.secret.get_secret_value() == SECRET
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("  client_id: my-client\n", ""), "auth.client_id: field required"),
+        (("  tenant: company_xyz\n", "  tenant: [1, 2]\n"), "auth.tenant: input should be"),
+        (("region: eu", "region: asia"), "auth.region: input should be 'eu' or 'us'"),
+        (("region: eu", "region: null"), "auth: set region (eu or us) or token_url"),
+        (("url: https://skill-engine.example", "url: ftp://x"), "upstream.url: the upstream URL"),
+        (
+            ("url: https://skill-engine.example", "url: http://skill-engine.example"),
+            "upstream.url: the upstream URL uses plain http",
+        ),
+        (
+            ("tenant: company_xyz", "tenant: company_xyz\n  tenent: typo"),
+            "auth.tenent: unknown key",
+        ),
+        (("upstream:", "listen: nowhere\nupstream:"), "listen: expected host:port"),
+        (("upstream:", "listen: 127.0.0.1:99999\nupstream:"), "listen: port must be at most"),
+        (
+            ("tenant: company_xyz", "tenant: company_xyz\n  scopes: []"),
+            "auth.scopes: must name at least one scope",
+        ),
+        (
+            ("tenant: company_xyz", "tenant: company_xyz\n  scopes: ['bad scope']"),
+            "auth.scopes: 'bad scope' is not a valid scope name",
+        ),
+        (
+            (
+                "url: https://skill-engine.example",
+                "url: https://skill-engine.example\n  read_timeout: 0",
+            ),
+            "upstream.read_timeout: input should be greater than 0",
+        ),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
+    path = write(tmp_path, MINIMAL.replace(*change))
+    assert expected in config_error(path)
+
+
+def test_plain_http_token_url_is_refused_unless_loopback(tmp_path: Path) -> None:
+    remote = MINIMAL.replace("region: eu", "token_url: http://auth.example/oauth/token")
+    assert "auth.token_url: the token URL uses plain http" in config_error(write(tmp_path, remote))
+
+    for host in ("127.0.0.1:8081", "localhost", "[::1]:8081"):
+        local = MINIMAL.replace("region: eu", f"token_url: http://{host}/oauth/token")
+        assert load_settings(write(tmp_path, local), {"SECRET_VAR": SECRET}).auth.token_url
+
+
+def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "url: https://skill-engine.example", f"url: https://user:{SECRET}@skill-engine.example"
+    )
+    assert "must not carry a user or password" in config_error(write(tmp_path, text))
+
+
+def test_exactly_one_secret_source(tmp_path: Path) -> None:
+    both = MINIMAL.replace(
+        "client_secret: ${SECRET_VAR}", "client_secret: ${SECRET_VAR}\n  client_secret_file: /x"
+    )
+    neither = MINIMAL.replace("  client_secret: ${SECRET_VAR}\n", "")
+    for text in (both, neither):
+        message = config_error(write(tmp_path, text))
+        assert "set exactly one of client_secret and client_secret_file" in message
+
+
+def test_undefined_variable_names_the_key_and_the_variable(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, MINIMAL), environ={})
+    assert message.endswith("auth.client_secret: environment variable SECRET_VAR is not set")
+
+
+def test_malformed_variable_is_an_error(tmp_path: Path) -> None:
+    text = MINIMAL.replace("tenant: company_xyz", "tenant: ${TENANT")
+    assert "auth.tenant: malformed ${...}" in config_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, "No such file or directory"), ("", "is empty"), ("\n", "is empty")],
+)
+def test_unusable_secret_file_names_the_key(
+    tmp_path: Path, content: str | None, expected: str
+) -> None:
+    secret_file = tmp_path / "secret"
+    if content is not None:
+        secret_file.write_text(content)
+    text = MINIMAL.replace("client_secret: ${SECRET_VAR}", f"client_secret_file: {secret_file}")
+    message = config_error(write(tmp_path, text))
+    assert "auth.client_secret_file: " in message
+    assert expected in message
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, MINIMAL + "  scopes: [read\n"))
+    assert "YAML syntax error at line" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("", "expected a mapping"), ("- a\n", "expected a mapping")]
+)
+def test_a_file_that_is_not_a_mapping_is_refused(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in config_error(write(tmp_path, text))
+
+
+def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    assert "cannot read the file" in config_error(tmp_path / "absent.yaml")
+
+
+def test_a_secret_that_is_a_wrong_type_is_not_echoed(tmp_path: Path) -> None:
+    text = MINIMAL.replace("client_secret: ${SECRET_VAR}", "client_secret: ['${SECRET_VAR}']")
+    assert "auth.client_secret: input should be a valid string" in config_error(
+        write(tmp_path, text)
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("0.0.0.0:8080", ListenAddress("0.0.0.0", 8080)),
+        ("[::1]:9090", ListenAddress("::1", 9090)),
+        ("unix:/run/proxy.sock", ListenAddress(path="/run/proxy.sock")),
+    ],
+)
+def test_listen_addresses(tmp_path: Path, value: str, expected: ListenAddress) -> None:
+    text = f"listen: '{value}'\n" + MINIMAL
+    assert load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET}).listen == expected
+
+
+def test_admin_listen_null_disables_it(tmp_path: Path) -> None:
+    settings = load_settings(
+        write(tmp_path, "admin_listen: null\n" + MINIMAL), {"SECRET_VAR": SECRET}
+    )
+    assert settings.admin_listen is None
+
+
+def test_the_example_config_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    environ = {"SKILL_ENGINE_CLIENT_ID": "id", "SKILL_ENGINE_CLIENT_SECRET": SECRET}
+    settings = load_settings(example, environ)
+    assert settings.auth.client_id == "id"

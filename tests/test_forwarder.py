@@ -1,0 +1,531 @@
+"""Forwarding over real loopback sockets: what the upstream receives and the client gets back."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.server import ProxyServer
+from proxy.standins import Answer
+from tests.conftest import Standins, StartProxy, StartStandins
+from tests.support import FakeClock, raw_exchange
+
+ERROR_HEADER = "X-Skill-Engine-Proxy-Error"
+
+
+def only_token(standins: Standins) -> str:
+    [token] = standins.tokens.issued
+    return token
+
+
+async def test_a_request_reaches_the_upstream_with_the_token(
+    standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        assert response.status == 200
+        assert await response.json() == {"service": "Skill Engine stand-in", "version": "standin"}
+
+    [received] = standins.skill_engine.received
+    assert received.header_values("Authorization") == [f"Bearer {only_token(standins)}"]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"])
+async def test_every_method_is_forwarded_with_its_body(
+    standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession, method: str
+) -> None:
+    body = f"{method} body \u00e9".encode()
+    async with client.request(method, f"{proxy.proxy_url}/echo/x", data=body) as response:
+        assert response.status == 200
+        echoed = await response.json()
+    assert echoed["method"] == method
+    assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+async def test_head_keeps_the_length_and_sends_no_body(
+    proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    head = await raw_exchange(
+        proxy.proxy_url, b"HEAD /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert head.status == 200
+    assert head.header_values("Content-Length") == ["58"]
+    assert head.body == b""
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/echo/a%2Fb%25c/./d/../e?x=%2F&y=+&y=&z&empty=&q=%E2%82%AC",
+        "/echo//double//slashes?a=1&a=2&a=1",
+        "/echo/;matrix=1?&&=&",
+        "/echo/%7Euser/caf%C3%A9?%3D=%26",
+        "/echo/line%0Abreak%00nul%zz?bad=%zz%0D%0A",
+    ],
+)
+async def test_path_and_query_reach_the_upstream_byte_for_byte(
+    standins: Standins, proxy: ProxyServer, target: str
+) -> None:
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    response = await raw_exchange(proxy.proxy_url, request)
+    assert response.status == 200
+    assert standins.skill_engine.received[-1].raw_path == target
+
+
+async def test_a_base_path_in_the_upstream_url_is_kept_as_a_prefix(
+    standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    settings = standins.settings(upstream={"url": f"{standins.upstream_url}/echo/base/"})
+    proxy = await start_proxy(settings)
+    request = b"GET /v1/items?x=%2F HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert (await raw_exchange(proxy.proxy_url, request)).status == 200
+    assert standins.skill_engine.received[-1].raw_path == "/echo/base/v1/items?x=%2F"
+
+
+async def test_nothing_is_added_to_what_the_client_sent(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    await raw_exchange(
+        proxy.proxy_url, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    names = [name.lower() for name, _ in standins.skill_engine.received[-1].raw_headers]
+    assert sorted(names) == [b"authorization", b"host"]
+
+    await raw_exchange(
+        proxy.proxy_url,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    names = [name.lower() for name, _ in standins.skill_engine.received[-1].raw_headers]
+    assert sorted(names) == [b"authorization", b"content-length", b"host"]
+
+
+async def test_the_upstream_sees_its_own_host(standins: Standins, proxy: ProxyServer) -> None:
+    await raw_exchange(
+        proxy.proxy_url, b"GET /echo HTTP/1.1\r\nHost: client.example\r\nConnection: close\r\n\r\n"
+    )
+    upstream_authority = standins.upstream_url.removeprefix("http://")
+    assert standins.skill_engine.received[-1].header_values("Host") == [upstream_authority]
+
+
+async def test_the_clients_authorization_is_replaced_by_exactly_one_bearer(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    await raw_exchange(
+        proxy.proxy_url,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization: Basic dXNlcjpwYXNz\r\n"
+        b"Authorization: Bearer forged\r\nConnection: close\r\n\r\n",
+    )
+    received = standins.skill_engine.received[-1]
+    assert received.header_values("Authorization") == [f"Bearer {only_token(standins)}"]
+
+
+async def test_hop_by_hop_request_headers_are_not_forwarded(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    await raw_exchange(
+        proxy.proxy_url,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\n"
+        b"Connection: close, X-Named-By-Connection\r\n"
+        b"X-Named-By-Connection: drop me\r\n"
+        b"Keep-Alive: timeout=5\r\n"
+        b"Proxy-Authorization: Basic c2VjcmV0\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"TE: trailers\r\n"
+        b"Trailer: X-Checksum\r\n"
+        b"Upgrade: websocket\r\n"
+        b"X-Kept: yes\r\n\r\n",
+    )
+    names = {name.lower() for name, _ in standins.skill_engine.received[-1].raw_headers}
+    assert names == {b"host", b"authorization", b"x-kept"}
+
+
+async def test_a_chunked_upload_is_forwarded_whole(standins: Standins, proxy: ProxyServer) -> None:
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"PUT /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    echoed = json.loads(response.body)
+    assert echoed["body_sha256"] == hashlib.sha256(b"hello world").hexdigest()
+
+
+async def test_expect_100_continue_is_answered_by_the_proxy_not_forwarded(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n"
+        b"Connection: close\r\n\r\nbody",
+    )
+    assert response.status == 200
+    assert json.loads(response.body)["body_sha256"] == hashlib.sha256(b"body").hexdigest()
+    assert standins.skill_engine.received[-1].header_values("Expect") == []
+
+
+async def test_repeated_request_headers_stay_separate(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    await raw_exchange(
+        proxy.proxy_url,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Repeat: one\r\nX-Repeat: two\r\n"
+        b"Cookie: a=1\r\nCookie: b=2\r\nConnection: close\r\n\r\n",
+    )
+    received = standins.skill_engine.received[-1]
+    assert received.header_values("X-Repeat") == ["one", "two"]
+    assert received.header_values("Cookie") == ["a=1", "b=2"]
+
+
+def upstream_routes(release: asyncio.Event) -> web.RouteTableDef:
+    """Upstream behaviours the stand-in Skill Engine does not have by default;
+    `/events` holds its second event until `release` is set."""
+    routes = web.RouteTableDef()
+
+    @routes.get("/cookies")
+    async def cookies(_request: web.Request) -> web.Response:
+        response = web.Response(text="two cookies")
+        response.headers.add("Set-Cookie", "session=abc; Path=/; HttpOnly")
+        response.headers.add("Set-Cookie", "theme=dark; Path=/")
+        return response
+
+    @routes.get("/gzip")
+    async def gzipped(_request: web.Request) -> web.Response:
+        body = gzip.compress(b'{"compressed": true}' * 50)
+        return web.Response(
+            body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
+
+    @routes.get("/redirect")
+    async def redirect(_request: web.Request) -> web.Response:
+        raise web.HTTPFound("/version")
+
+    @routes.get("/hop")
+    async def hop(_request: web.Request) -> web.Response:
+        return web.Response(
+            text="hop",
+            headers={
+                "Connection": "X-Upstream-Hop",
+                "X-Upstream-Hop": "drop",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authenticate": "Basic",
+                "Trailer": "X-Checksum",
+                "Upgrade": "h2c",
+                "X-End-To-End": "keep",
+            },
+        )
+
+    @routes.get("/no-content")
+    async def no_content(_request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    @routes.get("/events")
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        await release.wait()
+        await response.write(b"data: second\n\n")
+        await response.write_eof()
+        return response
+
+    @routes.get("/silent")
+    async def silent(_request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(text="too late")
+
+    @routes.get("/broken")
+    async def broken(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b"only part")
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    return routes
+
+
+@pytest.fixture
+def release() -> asyncio.Event:
+    return asyncio.Event()
+
+
+@pytest.fixture
+async def upstream(start_standins: StartStandins, release: asyncio.Event) -> Standins:
+    return await start_standins(upstream_routes(release))
+
+
+@pytest.fixture
+async def upstream_proxy(upstream: Standins, start_proxy: StartProxy) -> ProxyServer:
+    return await start_proxy(upstream.settings(upstream={"read_timeout": 0.5}))
+
+
+async def test_several_set_cookie_headers_stay_separate(
+    upstream_proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(f"{upstream_proxy.proxy_url}/cookies") as response:
+        assert response.headers.getall("Set-Cookie") == [
+            "session=abc; Path=/; HttpOnly",
+            "theme=dark; Path=/",
+        ]
+
+
+async def test_a_cookie_set_for_one_caller_is_not_sent_for_another(
+    upstream: Standins, start_proxy: StartProxy
+) -> None:
+    # By name, not by IP address: aiohttp's cookie jar would ignore cookies of an IP host.
+    by_name = upstream.upstream_url.replace("127.0.0.1", "localhost")
+    url = (await start_proxy(upstream.settings(upstream={"url": by_name}))).proxy_url
+    async with aiohttp.ClientSession() as first, first.get(f"{url}/cookies") as response:
+        assert response.headers.getall("Set-Cookie")
+    async with aiohttp.ClientSession() as second, second.get(f"{url}/echo") as response:
+        assert response.status == 200
+    assert upstream.skill_engine.received[-1].header_values("Cookie") == []
+
+
+async def test_a_gzip_body_passes_through_undecoded(
+    upstream_proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(f"{upstream_proxy.proxy_url}/gzip") as response:
+        body = await response.read()
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert response.headers["Content-Length"] == str(len(body))
+    assert gzip.decompress(body) == b'{"compressed": true}' * 50
+
+
+async def test_a_redirect_goes_back_to_the_client(
+    upstream: Standins, upstream_proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(
+        f"{upstream_proxy.proxy_url}/redirect", allow_redirects=False
+    ) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == "/version"
+    assert [received.raw_path for received in upstream.skill_engine.received] == ["/redirect"]
+
+
+async def test_hop_by_hop_response_headers_are_not_passed_back(
+    upstream_proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(f"{upstream_proxy.proxy_url}/hop") as response:
+        assert response.status == 200
+        assert response.headers["X-End-To-End"] == "keep"
+        for name in ("X-Upstream-Hop", "Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade"):
+            assert name not in response.headers
+        assert response.headers.get("Connection", "keep-alive").lower() == "keep-alive"
+
+
+async def test_no_content_stays_without_body_or_framing(upstream_proxy: ProxyServer) -> None:
+    response = await raw_exchange(
+        upstream_proxy.proxy_url,
+        b"GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert response.status == 204
+    assert response.header_values("Transfer-Encoding") == []
+    assert response.header_values("Content-Type") == []
+    assert response.body == b""
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[bytes], Awaitable[str]]]:
+    """An upstream that answers every request with the given bytes, exactly."""
+    servers: list[asyncio.Server] = []
+
+    async def start(answer: bytes) -> str:
+        async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(reply, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_the_proxy_adds_no_content_type_or_server_of_its_own(
+    standins: Standins,
+    start_proxy: StartProxy,
+    raw_upstream: Callable[[bytes], Awaitable[str]],
+) -> None:
+    upstream_url = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+    proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
+    response = await raw_exchange(
+        proxy.proxy_url, b"GET /untyped HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert response.status == 200
+    assert response.body == b"plain"
+    assert response.header_values("Content-Type") == []
+    assert response.header_values("Server") == []
+    assert response.header_values("Content-Length") == ["5"]
+    assert response.header_values("Transfer-Encoding") == []
+    # RFC 9110 6.6.1: a Date is added when the upstream sent none.
+    assert len(response.header_values("Date")) == 1
+
+
+async def test_each_response_has_exactly_one_framing(upstream_proxy: ProxyServer) -> None:
+    for path in ("/version", "/bytes/100", "/bytes/100?length=1", "/gzip"):
+        response = await raw_exchange(
+            upstream_proxy.proxy_url,
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+        )
+        framings = response.header_values("Content-Length") + response.header_values(
+            "Transfer-Encoding"
+        )
+        assert len(framings) == 1, (path, response.headers)
+
+
+async def test_streamed_events_reach_the_client_as_they_arrive(
+    upstream_proxy: ProxyServer, client: aiohttp.ClientSession, release: asyncio.Event
+) -> None:
+    async with client.get(f"{upstream_proxy.proxy_url}/events") as response:
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        # The upstream holds its second event until the first has reached this client.
+        first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout=10)
+        assert first == b"data: first\n\n"
+        release.set()
+        assert await response.content.read() == b"data: second\n\n"
+
+
+async def test_an_unreachable_upstream_gives_502(
+    standins: Standins,
+    start_proxy: StartProxy,
+    client: aiohttp.ClientSession,
+    unused_tcp_port: int,
+) -> None:
+    port = unused_tcp_port
+    proxy = await start_proxy(standins.settings(upstream={"url": f"http://127.0.0.1:{port}"}))
+
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        assert response.status == 502
+        assert response.headers[ERROR_HEADER] == "upstream_unreachable"
+        assert response.content_type == "application/json"
+        body = await response.json()
+    assert body["error"] == "upstream_unreachable"
+    assert f"127.0.0.1:{port}" in body["message"]
+
+
+async def test_a_silent_upstream_gives_504(
+    upstream_proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(f"{upstream_proxy.proxy_url}/silent") as response:
+        assert response.status == 504
+        assert (await response.json())["error"] == "upstream_timeout"
+        assert "read_timeout (0.5 s)" in (await response.json())["message"]
+
+
+async def test_an_answer_broken_off_midway_is_not_passed_as_complete(
+    upstream_proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(f"{upstream_proxy.proxy_url}/broken") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    [
+        b"GET http://elsewhere.example/version HTTP/1.1",
+        b"CONNECT elsewhere.example:443 HTTP/1.1",
+        b"OPTIONS * HTTP/1.1",
+    ],
+)
+async def test_forward_proxy_requests_are_refused(
+    standins: Standins, proxy: ProxyServer, request_line: bytes
+) -> None:
+    response = await raw_exchange(
+        proxy.proxy_url, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert response.status == 400
+    assert response.header_values(ERROR_HEADER) == ["bad_request"]
+    assert json.loads(response.body)["error"] == "bad_request"
+    assert list(standins.skill_engine.received) == []
+
+
+async def test_one_token_fetch_for_100_concurrent_cold_requests(
+    start_standins: StartStandins, start_proxy: StartProxy
+) -> None:
+    standins = await start_standins(delay=0.2)
+    proxy = await start_proxy(standins.settings())
+
+    async with aiohttp.ClientSession() as session:
+
+        async def call() -> int:
+            async with session.get(f"{proxy.proxy_url}/version") as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(call() for _ in range(100)))
+
+    assert statuses == [200] * 100
+    assert len(standins.tokens.requests) == 1
+
+
+async def test_the_token_is_reused_until_expiry_minus_margin_and_renewed_after(
+    standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    clock = FakeClock()
+    proxy = await start_proxy(standins.settings(refresh_margin=60), clock=clock)
+
+    async def fingerprint() -> str:
+        async with client.get(f"{proxy.proxy_url}/echo") as response:
+            assert response.status == 200
+            return str((await response.json())["token_fingerprint"])
+
+    first = await fingerprint()
+    clock.advance(3600 - 60 - 0.001)
+    assert await fingerprint() == first
+    assert len(standins.tokens.requests) == 1
+
+    clock.advance(0.001)
+    second = await fingerprint()
+    assert second != first
+    assert len(standins.tokens.requests) == 2
+
+
+async def test_a_failed_fetch_is_not_cached(
+    standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    standins.tokens.answer_next(Answer(500, {"error": "server_error"}))
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        assert response.status == 503
+        assert response.headers[ERROR_HEADER] == "token_unavailable"
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        assert response.status == 200
+    assert len(standins.tokens.requests) == 2
+
+
+async def test_rejected_credentials_give_503_with_the_reason_and_not_the_secret(
+    standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(standins.settings(client_secret="wrong-secret-3141"))
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        assert response.status == 503
+        text = await response.text()
+    body = json.loads(text)
+    assert body["error"] == "token_unavailable"
+    assert "rejected the client credentials" in body["message"]
+    assert "access_denied" in body["message"]
+    assert "wrong-secret-3141" not in text
+    assert list(standins.skill_engine.received) == []
+
+
+async def test_a_rate_limited_token_endpoint_sets_retry_after(
+    standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    standins.tokens.answer_next(Answer(429, {"error": "too_many_requests"}, {"Retry-After": "12"}))
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "12"

@@ -1,0 +1,158 @@
+"""The token request on the wire, and how the token endpoint's answers are read."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from proxy.config import AuthSettings
+from proxy.errors import (
+    BadTokenResponse,
+    CredentialsRejected,
+    TokenEndpointUnreachable,
+    TokenUnavailable,
+)
+from proxy.metrics import Metrics
+from proxy.standins import Answer
+from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key, token_request_body
+from proxy.tokens import Token
+from tests.conftest import Standins
+from tests.support import AUDIENCE, CLIENT_ID, SECRET, TENANT
+
+
+@pytest.fixture
+async def fetch(standins: Standins) -> AsyncIterator[Any]:
+    """Fetch one token from the stand-in with the given auth overrides."""
+    async with new_token_session() as session:
+
+        async def fetch_token(**auth: Any) -> Token:
+            settings = standins.settings(**auth).auth
+            endpoint = TokenEndpoint(session, settings, Metrics())
+            return await endpoint.fetch(token_key(settings))
+
+        yield fetch_token
+
+
+@pytest.mark.parametrize(
+    ("scopes", "sent_scopes"),
+    [
+        (None, None),
+        (["read"], ["read"]),
+        (["write", "read", "read_reports", "read"], ["read", "read_reports", "write"]),
+    ],
+)
+async def test_the_token_request_is_the_documented_one(
+    standins: Standins, fetch: Any, scopes: list[str] | None, sent_scopes: list[str] | None
+) -> None:
+    extra = {} if scopes is None else {"scopes": scopes}
+    token = await fetch(**extra)
+
+    [request] = standins.tokens.requests
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Accept"] == "application/json"
+    expected = {
+        "client_id": CLIENT_ID,
+        "client_secret": SECRET,
+        "audience": AUDIENCE,
+        "grant_type": "client_credentials",
+        "tenant": TENANT,
+    }
+    if sent_scopes is not None:
+        expected["scopes"] = sent_scopes
+    assert request.json() == expected
+    assert token.lifetime == 3600
+
+
+@pytest.mark.parametrize(
+    ("region", "url"),
+    [
+        ("eu", "https://techwolf.eu.auth0.com/oauth/token"),
+        ("us", "https://techwolf-us.us.auth0.com/oauth/token"),
+    ],
+)
+@pytest.mark.parametrize("scopes", [None, ("read", "write")])
+def test_each_region_sends_the_same_body_to_its_own_url(
+    region: str, url: str, scopes: tuple[str, ...] | None
+) -> None:
+    auth = AuthSettings.model_validate(
+        {
+            "region": region,
+            "client_id": CLIENT_ID,
+            "client_secret": SECRET,
+            "audience": AUDIENCE,
+            "tenant": TENANT,
+            "scopes": scopes,
+        }
+    )
+    body = token_request_body(auth)
+    assert auth.resolved_token_url == url
+    assert token_key(auth).token_url == url
+    assert list(body) == ["client_id", "client_secret", "audience", "grant_type", "tenant"] + (
+        ["scopes"] if scopes else []
+    )
+    assert body.get("scopes") == (list(scopes) if scopes else None)
+    json.dumps(body)
+
+
+async def test_rejected_credentials_quote_auth0_and_not_the_secret(fetch: Any) -> None:
+    with pytest.raises(CredentialsRejected) as caught:
+        await fetch(client_secret="wrong-secret-value")
+    message = str(caught.value)
+    assert "rejected the client credentials" in message
+    assert "HTTP 401: access_denied: Unauthorized" in message
+    assert "wrong-secret-value" not in message
+
+
+async def test_a_secret_echoed_by_the_endpoint_is_masked(standins: Standins, fetch: Any) -> None:
+    standins.tokens.answer_next(
+        Answer(403, {"error": "access_denied", "error_description": f"bad secret {SECRET}"})
+    )
+    with pytest.raises(CredentialsRejected) as caught:
+        await fetch()
+    assert SECRET not in str(caught.value)
+    assert "bad secret ***" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "words"),
+    [
+        (Answer(500, {"error": "server_error"}), TokenEndpointUnreachable, "failed with HTTP 500"),
+        (Answer(503, b"<html>down</html>"), TokenEndpointUnreachable, "HTTP 503"),
+        (Answer(429, {"error": "too_many_requests"}), TokenEndpointUnreachable, "rate-limiting"),
+        (Answer(200, b"not json"), BadTokenResponse, "without a JSON object"),
+        (Answer(200, {"access_token": "abc"}), BadTokenResponse, "without a positive expires_in"),
+        (Answer(200, {"expires_in": 60}), BadTokenResponse, "without a non-empty access_token"),
+        (Answer(400, {"error": "invalid_grant"}), CredentialsRejected, "HTTP 400: invalid_grant"),
+        (Answer(400, {"error": "invalid_request"}), BadTokenResponse, "HTTP 400: invalid_request"),
+        (Answer(302, None, {"Location": "https://elsewhere"}), BadTokenResponse, "HTTP 302"),
+    ],
+)
+async def test_answers_without_a_token_become_errors(
+    standins: Standins, fetch: Any, answer: Answer, error: type[TokenUnavailable], words: str
+) -> None:
+    standins.tokens.answer_next(answer)
+    with pytest.raises(error) as caught:
+        await fetch()
+    assert type(caught.value) is error
+    assert words in str(caught.value)
+
+
+async def test_rate_limit_answers_say_when_to_retry(standins: Standins, fetch: Any) -> None:
+    standins.tokens.answer_next(Answer(429, {"error": "too_many_requests"}, {"Retry-After": "7"}))
+    with pytest.raises(TokenEndpointUnreachable) as caught:
+        await fetch()
+    assert caught.value.retry_after == 7
+
+
+async def test_an_oversized_answer_is_refused(standins: Standins, fetch: Any) -> None:
+    standins.tokens.answer_next(Answer(200, b"x" * (65 * 1024)))
+    with pytest.raises(BadTokenResponse, match="more than"):
+        await fetch()
+
+
+async def test_an_unreachable_endpoint_is_reported(fetch: Any, unused_tcp_port: int) -> None:
+    with pytest.raises(TokenEndpointUnreachable, match="Could not reach the token endpoint"):
+        await fetch(token_url=f"http://127.0.0.1:{unused_tcp_port}/oauth/token")
