@@ -7,6 +7,7 @@ path is ever shadowed by one of the proxy's own.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -19,9 +20,10 @@ from proxy.config import Settings
 from proxy.errors import ClientGone, ProxyError, TokenUnavailable, error_response
 from proxy.forwarder import (
     Forwarder,
+    check_request,
+    defer_continue,
     logged_path,
     new_upstream_session,
-    require_origin_form,
     strip_server_defaults,
 )
 from proxy.metrics import Metrics, method_label
@@ -68,7 +70,7 @@ def create_proxy_app(
     app.cleanup_ctx.append(_clients)
     app.on_response_prepare.append(strip_server_defaults)
     # [\s\S]: a path may hold any character once percent-decoded, a newline included.
-    app.router.add_route("*", r"/{path:[\s\S]*}", _forward)
+    app.router.add_route("*", r"/{path:[\s\S]*}", _forward, expect_handler=defer_continue)
     return app
 
 
@@ -98,31 +100,39 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count and time every request, and turn the proxy's own errors into their answers."""
     metrics = request.app[METRICS]
-    tenant = request.app[SETTINGS].auth.tenant
-    method = method_label(request.method)
     started = time.perf_counter()
     metrics.requests_in_flight.inc()
     try:
         response = await _answer(request, handler)
+    except asyncio.CancelledError:
+        if request.transport is None:
+            # aiohttp cancels the handler of a client that hung up (handler_cancellation).
+            _count(request, started, ClientGone.status)
+        raise
     finally:
         metrics.requests_in_flight.dec()
-    metrics.request_duration.labels(tenant, method).observe(time.perf_counter() - started)
-    metrics.requests.labels(tenant, method, str(response.status)).inc()
+    _count(request, started, response.status)
     return response
+
+
+def _count(request: web.Request, started: float, status: int) -> None:
+    metrics = request.app[METRICS]
+    tenant = request.app[SETTINGS].auth.tenant
+    method = method_label(request.method)
+    metrics.request_duration.labels(tenant, method).observe(time.perf_counter() - started)
+    metrics.requests.labels(tenant, method, str(status)).inc()
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        require_origin_form(request)
+        check_request(request)
         return await handler(request)
-    except ClientGone as exc:
-        logger.debug("%s %s: %s", request.method, logged_path(request), exc)
-        return error_response(exc)
     except ProxyError as exc:
-        # A failed fetch was logged once by the token cache; its waiters need not repeat it.
-        level = logging.DEBUG if isinstance(exc, TokenUnavailable) else logging.ERROR
+        # The client's own mistakes, and the waiters of a token fetch the token cache has
+        # already logged once, are per-request detail.
+        quiet = exc.status < 500 or isinstance(exc, TokenUnavailable)
         logger.log(
-            level,
+            logging.DEBUG if quiet else logging.ERROR,
             "%s %s answered %d %s: %s",
             request.method,
             logged_path(request),
@@ -130,7 +140,11 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
             exc.code,
             exc,
         )
-        return error_response(exc)
+        response = error_response(exc)
+        if request.body_exists and not request.content.at_eof():
+            # The body is not wanted, or no longer usable: close rather than read it.
+            response.force_close()
+        return response
     except Exception:
         logger.exception("%s %s failed inside the proxy", request.method, logged_path(request))
         return error_response(

@@ -104,12 +104,25 @@ class ClientGone(ProxyError):
 
 
 def describe_client_error(exc: BaseException) -> str:
-    """A one-line account of an aiohttp client failure, without a traceback."""
+    """One line on an aiohttp client failure, for messages and logs.
+
+    Never `str(exc)` of the request's own errors: aiohttp puts the URL in it, and a URL may
+    carry a query the client did not mean for any log.
+    """
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error is not None:
         return exc.os_error.strerror or str(exc.os_error)
-    if isinstance(exc, TimeoutError) and not str(exc):
+    if isinstance(exc, TimeoutError):
         return "timed out"
-    return str(exc) or type(exc).__name__
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the body was cut short"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        words = "".join(c if c.isprintable() else " " for c in str(exc.message))
+        return f"not a valid HTTP answer ({words[:200]})"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return exc.strerror or "the connection failed"
+    return type(exc).__name__
 
 
 def error_response(error: ProxyError) -> web.Response:

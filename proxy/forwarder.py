@@ -12,6 +12,7 @@ import logging
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -46,9 +47,12 @@ HOP_BY_HOP = frozenset(
 # Request fields the proxy answers for itself at its own hop:
 # - Host is the upstream's (RFC 9110 7.2), set from the upstream URL;
 # - Authorization is replaced by exactly one bearer token (RFC 6750 2.1);
-# - Expect: 100-continue was already answered to the client by this server
-#   (RFC 9110 10.1.1), so the upstream gets the body without waiting for a second 100.
+# - Expect: 100-continue is answered by the proxy once it has a token and is about to
+#   forward (RFC 9110 10.1.1), so the upstream gets the body without a second wait.
 _REQUEST_FIELDS_NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "expect"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# What the proxy itself answers to OPTIONS with Max-Forwards: 0 (RFC 9110 7.6.2).
+_ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 # aiohttp's client would otherwise add these to a request the client sent without them.
 _NO_AUTO_HEADERS = frozenset(
@@ -64,6 +68,7 @@ class ForwardedResponse(web.StreamResponse):
     """
 
     def __init__(self, upstream: aiohttp.ClientResponse) -> None:
+        """Raises `UnrelayableHeader` when an upstream header cannot be passed on intact."""
         super().__init__(
             status=upstream.status,
             reason=upstream.reason,
@@ -91,6 +96,18 @@ def connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     )
 
 
+class UnrelayableHeader(Exception):
+    """A header value holds bytes that are not UTF-8 (obs-text, RFC 9110 5.5).
+
+    aiohttp decodes such bytes to lone surrogates and its writer drops them, so the
+    value would arrive changed; the proxy refuses it instead of corrupting it.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
 def forwardable_headers(
     headers: CIMultiDictProxy[str], dropped: frozenset[str]
 ) -> CIMultiDict[str]:
@@ -99,9 +116,16 @@ def forwardable_headers(
     kept: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lowered = name.lower()
-        if lowered not in dropped and lowered not in named:
-            kept.add(name, value)
+        if lowered in dropped or lowered in named:
+            continue
+        if not value.isascii() and _holds_raw_bytes(value):
+            raise UnrelayableHeader(name)
+        kept.add(name, value)
     return kept
+
+
+def _holds_raw_bytes(value: str) -> bool:
+    return any("\udc80" <= character <= "\udcff" for character in value)
 
 
 def new_upstream_session(upstream: UpstreamSettings) -> aiohttp.ClientSession:
@@ -127,19 +151,58 @@ def logged_path(request: web.Request) -> str:
     return request.raw_path.partition("?")[0]
 
 
-def require_origin_form(request: web.Request) -> None:
-    """Refuse a request whose target is not a path (RFC 9112 3.2).
+def check_request(request: web.Request) -> None:
+    """Refuse what this proxy must not forward, before any token is spent on it.
 
-    Absolute-form, authority-form (CONNECT) and asterisk-form targets ask for a forward
-    proxy; this one only relays to its configured upstream. The router cannot match them,
-    so this runs before routing's answer is used.
+    - Absolute-form, authority-form (CONNECT) and asterisk-form targets (RFC 9112 3.2) ask
+      for a forward proxy; this one relays origin-form paths to its configured upstream.
+      The router cannot match them, so this runs before its answer is used.
+    - A `#` has no place in a request target; yarl would read it as a fragment and drop
+      what follows, query included.
+    - TRACE would reflect the bearer token back to the client; RFC 9110 9.3.8 forbids
+      sending credentials in it.
     """
     target = request.raw_path
-    if request.method == hdrs.METH_CONNECT or not target.startswith("/"):
+    if request.method == hdrs.METH_CONNECT or not target.startswith("/") or "#" in target:
         raise BadRequest(
-            "The proxy forwards origin-form requests (a path such as /version) to its "
-            f"configured upstream; it does not accept {request.method} {target[:100]!r}."
+            "The proxy forwards origin-form requests (a path such as /version, without a "
+            f"fragment) to its configured upstream; it does not accept {request.method} "
+            f"{target.partition('?')[0][:100]!r}."
         )
+    if request.method == hdrs.METH_TRACE:
+        raise BadRequest(
+            "The proxy does not forward TRACE: the upstream would echo the bearer token "
+            "back (RFC 9110 9.3.8)."
+        )
+
+
+def _max_forwards(request: web.Request) -> int | None:
+    """The Max-Forwards of an OPTIONS request (RFC 9110 7.6.2), or None when absent."""
+    if request.method != hdrs.METH_OPTIONS or hdrs.MAX_FORWARDS not in request.headers:
+        return None
+    value = request.headers[hdrs.MAX_FORWARDS].strip()
+    if not value.isdigit():
+        raise BadRequest(f"Max-Forwards must be a number of hops, got {value[:20]!r}.")
+    return int(value)
+
+
+def expects_continue(request: web.Request) -> bool:
+    """Whether the client waits for 100 Continue before it sends its body.
+
+    RFC 9110 10.1.1: never send 100 to an HTTP/1.0 client.
+    """
+    return (
+        request.version >= HttpVersion11
+        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+    )
+
+
+async def defer_continue(_request: web.Request) -> None:
+    """Route `expect_handler`: the forwarder sends 100 Continue itself, once it can forward.
+
+    aiohttp's default would send it before the proxy knows it has a token, inviting a
+    large body that a 503 then throws away.
+    """
 
 
 class Forwarder:
@@ -167,9 +230,17 @@ class Forwarder:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Forward `request` upstream and stream the answer back."""
         url = self._upstream_url(request)
-        headers = forwardable_headers(request.headers, _REQUEST_FIELDS_NOT_FORWARDED)
+        headers = self._upstream_headers(request)
+        max_forwards = _max_forwards(request)
+        if max_forwards == 0:
+            # The proxy is the final recipient of this OPTIONS (RFC 9110 7.6.2).
+            return web.Response(headers={hdrs.ALLOW: _ALLOWED_METHODS})
+        if max_forwards is not None:
+            headers[hdrs.MAX_FORWARDS] = str(max_forwards - 1)
         headers[hdrs.AUTHORIZATION] = await self._authorization()
 
+        if expects_continue(request):
+            await request.writer.write(_CONTINUE)
         upstream = await self._send(request, url, headers)
         try:
             return await self._stream_back(request, upstream)
@@ -179,6 +250,15 @@ class Forwarder:
     def _upstream_url(self, request: web.Request) -> URL:
         # encoded=True: the path and query reach the upstream exactly as the client sent them.
         return URL(self._base + request.raw_path, encoded=True)
+
+    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        try:
+            return forwardable_headers(request.headers, _REQUEST_FIELDS_NOT_FORWARDED)
+        except UnrelayableHeader as exc:
+            raise BadRequest(
+                f"The {exc.name} header holds bytes that are not UTF-8; the proxy cannot "
+                "forward them unchanged."
+            ) from None
 
     async def _authorization(self) -> str:
         token = self._tokens.cached(self._key)
@@ -225,7 +305,14 @@ class Forwarder:
     async def _stream_back(
         self, request: web.Request, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        response = ForwardedResponse(upstream)
+        try:
+            response = ForwardedResponse(upstream)
+        except UnrelayableHeader as exc:
+            self._upstream_errors.labels(self.tenant, "protocol").inc()
+            raise UpstreamUnreachable(
+                f"The upstream {self._base} answered with a {exc.name} header holding bytes "
+                "that are not UTF-8; the proxy cannot pass them on unchanged."
+            ) from None
         try:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():

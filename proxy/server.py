@@ -33,6 +33,8 @@ class ProxyServer:
             create_proxy_app(settings, self.metrics, clock=clock),
             access_log=None,
             shutdown_timeout=SHUTDOWN_GRACE,
+            # A client that hangs up cancels its request, and with it the upstream exchange.
+            handler_cancellation=True,
         )
         self._admin = web.AppRunner(create_admin_app(self.metrics, self.lifecycle), access_log=None)
         self.proxy_url = ""

@@ -1,7 +1,7 @@
 """The token endpoint client: one client-credentials request, its answer read into a Token.
 
-This is the only module that sends the client secret anywhere, and the only place the
-token endpoint's answers and failures are translated into the proxy's errors.
+This is the only module that sends the client secret anywhere. It translates the token
+endpoint's failures into the proxy's errors; `tokens.parse_token_response` judges a 200.
 """
 
 from __future__ import annotations

@@ -176,13 +176,14 @@ class TokenCache:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def usable_until(self, token: Token) -> float:
-        """The monotonic moment after which `token` is no longer attached."""
-        return self._usable_until(None, token, 0.0)
-
     async def _fetch_and_keep(self, key: TokenKey) -> Token:
         try:
             token = await self._fetch(key)
+            if self._usable_until(key, token, 0.0) <= self._clock():
+                raise BadTokenResponse(
+                    "The token endpoint took longer to answer than its token may be used "
+                    f"({token.lifetime:.0f} s minus the refresh margin)."
+                )
         except TokenUnavailable as exc:
             logger.error("No token for tenant %s: %s", key.tenant, exc)
             raise

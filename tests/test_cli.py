@@ -169,6 +169,19 @@ async def test_a_config_error_exits_2_with_one_line_naming_the_key(
         assert SECRET not in stderr
 
 
+async def test_the_config_path_can_come_from_the_environment(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("check"),
+        stdout=asyncio.subprocess.PIPE,
+        env={**subprocess_env(), "SKILL_ENGINE_PROXY_CONFIG": str(config_for(standins))},
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, stdout
+    assert b"/version answered 200" in stdout
+
+
 async def test_no_config_at_all_exits_2() -> None:
     status, _, stderr = await run_command("run")
     assert status == 2

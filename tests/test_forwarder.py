@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -15,7 +16,7 @@ from aiohttp import web
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import FakeClock, raw_exchange
+from tests.support import FakeClock, HeldRoute, raw_exchange, sample
 
 ERROR_HEADER = "X-Skill-Engine-Proxy-Error"
 
@@ -155,19 +156,6 @@ async def test_a_chunked_upload_is_forwarded_whole(standins: Standins, proxy: Pr
     assert echoed["body_sha256"] == hashlib.sha256(b"hello world").hexdigest()
 
 
-async def test_expect_100_continue_is_answered_by_the_proxy_not_forwarded(
-    standins: Standins, proxy: ProxyServer
-) -> None:
-    response = await raw_exchange(
-        proxy.proxy_url,
-        b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n"
-        b"Connection: close\r\n\r\nbody",
-    )
-    assert response.status == 200
-    assert json.loads(response.body)["body_sha256"] == hashlib.sha256(b"body").hexdigest()
-    assert standins.skill_engine.received[-1].header_values("Expect") == []
-
-
 async def test_repeated_request_headers_stay_separate(
     standins: Standins, proxy: ProxyServer
 ) -> None:
@@ -238,10 +226,11 @@ def upstream_routes(release: asyncio.Event) -> web.RouteTableDef:
         await asyncio.sleep(30)
         return web.Response(text="too late")
 
-    @routes.get("/broken")
+    @routes.get("/broken/{framing}")
     async def broken(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
-        response.content_length = 1000
+        if request.match_info["framing"] == "length":
+            response.content_length = 1000
         await response.prepare(request)
         await response.write(b"only part")
         assert request.transport is not None
@@ -425,13 +414,14 @@ async def test_a_silent_upstream_gives_504(
         assert "read_timeout (0.5 s)" in (await response.json())["message"]
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
 async def test_an_answer_broken_off_midway_is_not_passed_as_complete(
-    upstream_proxy: ProxyServer, client: aiohttp.ClientSession
+    upstream_proxy: ProxyServer, client: aiohttp.ClientSession, framing: str
 ) -> None:
-    async with client.get(f"{upstream_proxy.proxy_url}/broken") as response:
+    async with client.get(f"{upstream_proxy.proxy_url}/broken/{framing}") as response:
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
-            await response.read()
+            await asyncio.wait_for(response.read(), timeout=10)
 
 
 @pytest.mark.parametrize(
@@ -529,3 +519,190 @@ async def test_a_rate_limited_token_endpoint_sets_retry_after(
     async with client.get(f"{proxy.proxy_url}/version") as response:
         assert response.status == 503
         assert response.headers["Retry-After"] == "12"
+
+
+async def test_an_upstream_that_does_not_accept_gives_504_after_connect_timeout(
+    standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    # A listening socket whose backlog is full leaves new connections hanging on loopback.
+    with socket.socket() as deaf:
+        deaf.bind(("127.0.0.1", 0))
+        deaf.listen(0)
+        port = deaf.getsockname()[1]
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+        settings = standins.settings(
+            upstream={"url": f"http://127.0.0.1:{port}", "connect_timeout": 0.3}
+        )
+        proxy = await start_proxy(settings)
+        try:
+            async with client.get(f"{proxy.proxy_url}/version") as response:
+                assert response.status == 504
+                body = await response.json()
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert body["error"] == "upstream_timeout"
+    assert "connect_timeout (0.3 s)" in body["message"]
+
+
+async def test_trace_is_refused_so_the_token_is_never_echoed(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    response = await raw_exchange(
+        proxy.proxy_url, b"TRACE /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert response.status == 400
+    assert "TRACE" in json.loads(response.body)["message"]
+    assert list(standins.skill_engine.received) == []
+    assert list(standins.tokens.requests) == []
+
+
+async def test_options_with_max_forwards_zero_is_answered_by_the_proxy(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"OPTIONS /echo HTTP/1.1\r\nHost: x\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n",
+    )
+    assert response.status == 200
+    assert "OPTIONS" in response.header_values("Allow")[0]
+    assert list(standins.skill_engine.received) == []
+
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"OPTIONS /echo HTTP/1.1\r\nHost: x\r\nMax-Forwards: 3\r\nConnection: close\r\n\r\n",
+    )
+    assert response.status == 200
+    assert standins.skill_engine.received[-1].header_values("Max-Forwards") == ["2"]
+
+
+async def test_a_fragment_in_the_target_is_refused_not_cut_off(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"GET /echo/a#frag?secret=hidden HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert response.status == 400
+    assert b"hidden" not in response.body
+    assert list(standins.skill_engine.received) == []
+
+
+async def test_header_bytes_that_are_not_utf8_are_refused_not_corrupted(
+    standins: Standins,
+    start_proxy: StartProxy,
+    raw_upstream: Callable[[bytes], Awaitable[str]],
+) -> None:
+    proxy = await start_proxy(standins.settings())
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Name: caf\xe9\r\nConnection: close\r\n\r\n",
+    )
+    assert response.status == 400
+    assert "X-Name" in json.loads(response.body)["message"]
+    assert list(standins.skill_engine.received) == []
+
+    utf8 = await raw_exchange(
+        proxy.proxy_url,
+        "GET /echo HTTP/1.1\r\nHost: x\r\nX-Name: café\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert utf8.status == 200
+    assert standins.skill_engine.received[-1].header_values("X-Name") == [
+        "café".encode().decode("latin-1")
+    ]
+
+    upstream_url = await raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Up: caf\xe9\r\n\r\n"
+    )
+    relaying = await start_proxy(standins.settings(upstream={"url": upstream_url}))
+    response = await raw_exchange(
+        relaying.proxy_url, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert response.status == 502
+    assert "X-Up" in json.loads(response.body)["message"]
+
+
+async def test_an_invalid_upstream_answer_is_502_without_the_query_anywhere(
+    standins: Standins,
+    start_proxy: StartProxy,
+    raw_upstream: Callable[[bytes], Awaitable[str]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    upstream_url = await raw_upstream(b"NOT HTTP AT ALL\r\n\r\n")
+    proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"GET /x?api_key=hidden-value HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert response.status == 502
+    assert json.loads(response.body)["error"] == "upstream_unreachable"
+    assert b"hidden-value" not in response.body
+    assert "hidden-value" not in caplog.text
+
+
+async def expect_exchange(url: str, body: bytes) -> tuple[bytes, bytes]:
+    """Send headers with Expect: 100-continue and wait for the proxy's first answer; send
+    the body only if it was 100 Continue. Returns (first answer head, the rest)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"PUT /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        if not first.startswith(b"HTTP/1.1 100"):
+            return first, b""  # a final answer: the body is not sent at all
+        writer.write(body)
+        await writer.drain()
+        return first, await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+
+
+async def test_100_continue_is_sent_only_once_a_token_is_in_hand(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    first, rest = await expect_exchange(proxy.proxy_url, b"a body")
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert rest.startswith(b"HTTP/1.1 200")
+    assert hashlib.sha256(b"a body").hexdigest().encode() in rest
+
+
+async def test_no_100_continue_when_no_token_can_be_had(
+    standins: Standins, start_proxy: StartProxy
+) -> None:
+    standins.tokens.answer_next(Answer(503))
+    proxy = await start_proxy(standins.settings())
+    first, _ = await expect_exchange(proxy.proxy_url, b"a body never sent")
+    assert first.startswith(b"HTTP/1.1 503")
+    # The unread body is not wanted: the proxy says so and closes (RFC 9110 10.1.1).
+    assert b"\r\nConnection: close\r\n" in first
+    assert list(standins.skill_engine.received) == []
+
+
+async def test_a_client_that_hangs_up_cancels_its_upstream_request_and_counts_499(
+    start_standins: StartStandins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    proxy = await start_proxy(standins.settings())
+
+    _, writer = await asyncio.open_connection(*proxy.proxy_url[7:].split(":"))
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await held.arrived.wait()
+    writer.close()
+    await writer.wait_closed()
+
+    text = ""
+    while 'status="499"' not in text:  # the proxy notices the hang-up as soon as it reads
+        async with client.get(f"{proxy.admin_url}/metrics") as response:
+            text = await response.text()
+        await asyncio.sleep(0.01)
+    assert sample(text, "skill_engine_proxy_requests_in_flight") == 0
+    assert not held.release.is_set()

@@ -166,3 +166,22 @@ async def test_scope_sets_are_separate_keys() -> None:
 
     assert await cache.get(KEY) is not await cache.get(other)
     assert fetch.calls == 2
+
+
+async def test_a_token_that_arrives_past_its_usable_moment_is_an_error_not_attached() -> None:
+    clock = FakeClock()
+
+    async def slow_fetch(key: TokenKey) -> Token:
+        token = parse_token_response(
+            {"access_token": "late", "expires_in": 30},
+            obtained_at=clock(),
+            wall_time=0.0,
+            endpoint="E",
+        )
+        clock.advance(20)  # the answer took longer than the 15 s the token may be used
+        return token
+
+    cache = TokenCache(slow_fetch, refresh_margin=60, clock=clock)
+    with pytest.raises(BadTokenResponse, match="took longer to answer"):
+        await cache.get(KEY)
+    assert cache.cached(KEY) is None
