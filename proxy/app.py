@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.config import Settings
-from proxy.errors import ClientGone, ProxyError, TokenUnavailable, error_response
+from proxy.errors import BadRequest, ClientGone, ProxyError, TokenUnavailable, error_response
 from proxy.forwarder import (
     Forwarder,
     check_request,
@@ -52,6 +52,7 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 TOKENS = web.AppKey("tokens", TokenCache)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+IN_FLIGHT: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("in_flight")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,6 +68,7 @@ def create_proxy_app(
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[CLOCK] = clock
+    app[IN_FLIGHT] = set()
     app.cleanup_ctx.append(_clients)
     app.on_response_prepare.append(strip_server_defaults)
     # [\s\S]: a path may hold any character once percent-decoded, a newline included.
@@ -100,8 +102,12 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count and time every request, and turn the proxy's own errors into their answers."""
     metrics = request.app[METRICS]
+    in_flight = request.app[IN_FLIGHT]
+    task = asyncio.current_task()
+    assert task is not None
     started = time.perf_counter()
     metrics.requests_in_flight.inc()
+    in_flight.add(task)
     try:
         response = await _answer(request, handler)
     except asyncio.CancelledError:
@@ -110,6 +116,7 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
             _count(request, started, ClientGone.status)
         raise
     finally:
+        in_flight.discard(task)
         metrics.requests_in_flight.dec()
     _count(request, started, response.status)
     return response
@@ -141,8 +148,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
             exc,
         )
         response = error_response(exc)
-        if request.body_exists and not request.content.at_eof():
-            # The body is not wanted, or no longer usable: close rather than read it.
+        if isinstance(exc, BadRequest) or (request.body_exists and not request.content.at_eof()):
+            # What follows on this connection cannot be trusted (a CONNECT's tunnel bytes),
+            # or an unread body is not wanted: close rather than read on.
             response.force_close()
         return response
     except Exception:

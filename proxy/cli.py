@@ -127,15 +127,20 @@ async def check(settings: Settings, out: TextIO) -> int:
     async with new_upstream_session(settings.upstream) as session:
         try:
             async with session.get(
-                url, headers={"Authorization": token.authorization.get_secret_value()}
+                url,
+                headers={"Authorization": token.authorization.get_secret_value()},
+                allow_redirects=False,  # as `run` does: a redirect is the upstream's answer
             ) as response:
                 status = response.status
+                location = response.headers.get("Location")
                 answer = await response.content.read(_SHOWN_BYTES)
         except (aiohttp.ClientError, TimeoutError) as exc:
             out.write(f"FAILED: GET {url}: {describe_client_error(exc)}\n")
             return EXIT_FAILED
 
-    shown = answer.decode("utf-8", "replace").strip()
+    shown = " ".join(answer.decode("utf-8", "replace").split())
+    if location is not None:
+        shown = f"redirect to {location!r}"
     if status != 200:
         out.write(f"FAILED: GET {url} answered {status}: {shown}\n")
         return EXIT_FAILED

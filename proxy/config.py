@@ -129,8 +129,16 @@ def _service_url(value: str, *, what: str) -> str:
     return str(url).rstrip("/")
 
 
+def _not_a_boolean(value: object) -> object:
+    # pydantic would read `true` as 1 second.
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds, not true or false")
+    return value
+
+
 Listen = Annotated[ListenAddress, BeforeValidator(parse_listen_address)]
-PositiveSeconds = Annotated[float, Field(gt=0)]
+PositiveSeconds = Annotated[float, BeforeValidator(_not_a_boolean), Field(gt=0)]
+Seconds = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 
@@ -166,7 +174,7 @@ class AuthSettings(_Section):
     audience: NonEmpty
     tenant: NonEmpty
     scopes: tuple[str, ...] | None = None
-    refresh_margin: Annotated[float, Field(ge=0)] = 60.0
+    refresh_margin: Seconds = 60.0
 
     @field_validator("token_url")
     @classmethod
@@ -245,7 +253,7 @@ def _read_yaml(file: str) -> dict[str, Any]:
         raise ConfigError(file, [(None, "the file is not UTF-8 text")]) from None
 
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(file, [(None, _describe_yaml_error(exc))]) from None
 
@@ -254,9 +262,32 @@ def _read_yaml(file: str) -> dict[str, Any]:
     return document
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: YAML forbids it,
+    and PyYAML would silently keep the last value."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key {key} appears twice", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def _describe_yaml_error(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or "invalid YAML"
+    # PyYAML quotes what it could not read (an alias, a tag), and that may be a secret
+    # written in clear: `client_secret: *abc` reads as an alias.
+    problem = re.sub(r"'[^']*'", "'...'", problem)
     if mark is None:
         return f"YAML syntax error: {problem}"
     return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"

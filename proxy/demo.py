@@ -73,15 +73,24 @@ async def run_demo(
 
 
 def _introduce(server: ProxyServer, token_url: str, skill_engine_url: str, out: TextIO) -> None:
-    proxy = server.proxy_url
+    curl = _curl(server.proxy_url)
+    admin = server.admin_url or ""
+    metrics = f"{admin}/metrics" if admin.startswith("http") else f"{_curl(admin)}/metrics"
     out.write(
-        f"skill-engine-proxy demo: the proxy listens on {proxy}, in front of a stand-in\n"
-        f"Skill Engine ({skill_engine_url}) and a stand-in token endpoint ({token_url}).\n"
-        "No credentials and no network needed.\n\n"
+        f"skill-engine-proxy demo: the proxy listens on {server.proxy_url}, in front of a\n"
+        f"stand-in Skill Engine ({skill_engine_url}) and a stand-in token endpoint\n"
+        f"({token_url}). No credentials and no network needed.\n\n"
         "Try it:\n"
-        f"  curl -s {proxy}/version\n"
-        f"  curl -s {proxy}/echo/hello -d 'any body'\n"
-        f"Metrics: {server.admin_url}/metrics\n"
+        f"  {curl}/version\n"
+        f"  {curl}/echo/hello -d 'any body'\n"
+        f"Metrics: {metrics}\n"
         "Ctrl-C stops the demo.\n"
     )
     out.flush()
+
+
+def _curl(url: str) -> str:
+    """The start of a curl command line for `url`, an http URL or a unix socket."""
+    if url.startswith("unix:"):
+        return f"curl -s --unix-socket {url.removeprefix('unix:')} http://localhost"
+    return f"curl -s {url}"

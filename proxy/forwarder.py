@@ -8,11 +8,14 @@ minus hop-by-hop headers, without decoding the body.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -114,13 +117,16 @@ def forwardable_headers(
     """`headers` without `dropped` and without the fields Connection names; repeats kept."""
     named = connection_options(headers)
     kept: CIMultiDict[str] = CIMultiDict()
+    # aiohttp's client merges headers by exact spelling: a repeat spelled differently
+    # (X-A, then x-a) would replace the first. Every repeat takes the first spelling.
+    spelling: dict[str, str] = {}
     for name, value in headers.items():
         lowered = name.lower()
         if lowered in dropped or lowered in named:
             continue
         if not value.isascii() and _holds_raw_bytes(value):
             raise UnrelayableHeader(name)
-        kept.add(name, value)
+        kept.add(spelling.setdefault(lowered, name), value)
     return kept
 
 
@@ -159,6 +165,7 @@ def check_request(request: web.Request) -> None:
       The router cannot match them, so this runs before its answer is used.
     - A `#` has no place in a request target; yarl would read it as a fragment and drop
       what follows, query included.
+    - Transfer codings other than chunked are not undone by aiohttp.
     - TRACE would reflect the bearer token back to the client; RFC 9110 9.3.8 forbids
       sending credentials in it.
     """
@@ -168,6 +175,13 @@ def check_request(request: web.Request) -> None:
             "The proxy forwards origin-form requests (a path such as /version, without a "
             f"fragment) to its configured upstream; it does not accept {request.method} "
             f"{target.partition('?')[0][:100]!r}."
+        )
+    codings = request.headers.getall(hdrs.TRANSFER_ENCODING, ())
+    if codings and [c.strip().lower() for v in codings for c in v.split(",")] != ["chunked"]:
+        # RFC 9112 6.1: aiohttp undoes only chunked; forwarding the rest as plain chunked
+        # would hand the upstream gzip bytes it was not told about.
+        raise BadRequest(
+            "The proxy accepts no transfer coding but chunked; send a Content-Encoding instead."
         )
     if request.method == hdrs.METH_TRACE:
         raise BadRequest(
@@ -203,6 +217,32 @@ async def defer_continue(_request: web.Request) -> None:
     aiohttp's default would send it before the proxy knows it has a token, inviting a
     large body that a 503 then throws away.
     """
+
+
+class ClientBody:
+    """The client's request body, streamed to aiohttp's client.
+
+    aiohttp's server sets no limit on a client that stops sending mid-body (or sends a
+    malformed chunk it then waits past), so each read waits at most `idle_timeout`. The
+    failure is kept so that it is blamed on the client, not on the upstream.
+    """
+
+    def __init__(self, content: StreamReader, idle_timeout: float) -> None:
+        self._content = content
+        self._idle_timeout = idle_timeout
+        self.failure: BaseException | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                async with asyncio.timeout(self._idle_timeout):
+                    chunk = await self._content.readany()
+                if not chunk:
+                    return
+                yield chunk
+        except Exception as exc:
+            self.failure = exc
+            raise
 
 
 class Forwarder:
@@ -272,19 +312,27 @@ class Forwarder:
     async def _send(
         self, request: web.Request, url: URL, headers: CIMultiDict[str]
     ) -> aiohttp.ClientResponse:
-        body = request.content if request.body_exists else None
+        body = ClientBody(request.content, self._read_timeout) if request.body_exists else None
         try:
             return await self._session.request(
                 request.method,
                 url,
                 headers=headers,
-                data=body,
+                data=None if body is None else body.chunks(),
                 allow_redirects=False,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             if request.transport is None:
                 # The client hung up, maybe mid-upload: not the upstream's failure.
                 raise ClientGone("The client closed the connection before the answer.") from exc
+            if body is not None and body.failure is not None:
+                raise BadRequest(
+                    "The request body stopped arriving: nothing came for "
+                    f"{self._read_timeout:g} s (upstream.read_timeout)."
+                    if isinstance(body.failure, TimeoutError)
+                    else "The request body could not be read: "
+                    f"{describe_client_error(body.failure)}."
+                ) from exc
             raise self._failure(exc) from exc
 
     def _failure(self, exc: BaseException) -> UpstreamUnreachable | UpstreamTimeout:

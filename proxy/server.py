@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
+import stat
 import time
 
 from aiohttp import web
 
-from proxy.app import Lifecycle, Phase, create_admin_app, create_proxy_app
+from proxy.app import IN_FLIGHT, Lifecycle, Phase, create_admin_app, create_proxy_app
 from proxy.config import ListenAddress, Settings
 from proxy.errors import ListenError
 from proxy.metrics import Metrics
@@ -20,23 +23,41 @@ logger = logging.getLogger("skill_engine_proxy")
 
 # In-flight requests get this long to finish once the proxy stops accepting.
 SHUTDOWN_GRACE = 30.0
+# What is left of the shutdown once no request is in flight: closing idle connections.
+_CLOSE_TIMEOUT = 1.0
 
 
 class ProxyServer:
     """The proxy and admin listeners of one process, with their shared metrics and phase."""
 
-    def __init__(self, settings: Settings, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = time.monotonic,
+        shutdown_grace: float = SHUTDOWN_GRACE,
+    ) -> None:
         self.settings = settings
+        self._shutdown_grace = shutdown_grace
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
+        self._proxy_app = create_proxy_app(settings, self.metrics, clock=clock)
         self._proxy = web.AppRunner(
-            create_proxy_app(settings, self.metrics, clock=clock),
+            self._proxy_app,
             access_log=None,
-            shutdown_timeout=SHUTDOWN_GRACE,
+            # The drain is the proxy's own (`stop`); aiohttp's would wait twice as long.
+            shutdown_timeout=_CLOSE_TIMEOUT,
             # A client that hangs up cancels its request, and with it the upstream exchange.
             handler_cancellation=True,
+            # Request bodies pass through as sent: a gzip upload stays gzip (and its length).
+            auto_decompress=False,
         )
-        self._admin = web.AppRunner(create_admin_app(self.metrics, self.lifecycle), access_log=None)
+        self._admin = web.AppRunner(
+            create_admin_app(self.metrics, self.lifecycle),
+            access_log=None,
+            shutdown_timeout=_CLOSE_TIMEOUT,
+        )
+        self._unix_paths: list[str] = []
         self.proxy_url = ""
         self.admin_url: str | None = None
 
@@ -44,12 +65,12 @@ class ProxyServer:
         """Bind the listeners and start serving; log where, without anything secret."""
         try:
             await self._proxy.setup()
-            self.proxy_url = await _bind(self._proxy, self.settings.listen)
+            self.proxy_url = await self._bind(self._proxy, self.settings.listen)
             if self.settings.admin_listen is not None:
                 await self._admin.setup()
-                self.admin_url = await _bind(self._admin, self.settings.admin_listen)
+                self.admin_url = await self._bind(self._admin, self.settings.admin_listen)
         except ListenError:
-            await self.stop()
+            await self._close()
             raise
         self.lifecycle.phase = Phase.SERVING
 
@@ -68,28 +89,82 @@ class ProxyServer:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close."""
         self.lifecycle.phase = Phase.DRAINING
-        logger.info("Stopping: no new connections; in-flight requests get %.0f s.", SHUTDOWN_GRACE)
+        logger.info(
+            "Stopping: no new connections; in-flight requests get %g s.", self._shutdown_grace
+        )
+        if self._proxy.server is not None:
+            for site in list(self._proxy.sites):
+                await site.stop()
+            # Keep-alive connections take no new request after the one they carry.
+            self._proxy.server.pre_shutdown()
+            await self._drain()
+        await self._close()
+        logger.info("Stopped.")
+
+    async def _drain(self) -> None:
+        in_flight = self._proxy_app[IN_FLIGHT]
+        deadline = asyncio.get_running_loop().time() + self._shutdown_grace
+        while in_flight and (left := deadline - asyncio.get_running_loop().time()) > 0:
+            await asyncio.wait(set(in_flight), timeout=left)
+        if in_flight:
+            logger.warning(
+                "%d requests still in flight after %g s; cutting them off.",
+                len(in_flight),
+                self._shutdown_grace,
+            )
+            for task in in_flight:
+                task.cancel()
+            await asyncio.wait(set(in_flight), timeout=_CLOSE_TIMEOUT)
+
+    async def _close(self) -> None:
         for runner in (self._proxy, self._admin):
             if runner.server is not None:
                 await runner.cleanup()
-        logger.info("Stopped.")
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+    async def _bind(self, runner: web.AppRunner, address: ListenAddress) -> str:
+        """Start a site for `address` on `runner`; return the URL it really listens on."""
+        site: web.BaseSite
+        if address.path is not None:
+            _claim_unix_path(address)
+            site = web.UnixSite(runner, address.path)
+        else:
+            site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
+        if address.path is not None:
+            self._unix_paths.append(address.path)
+            return f"unix:{address.path}"
+        host, port = runner.addresses[-1][:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-async def _bind(runner: web.AppRunner, address: ListenAddress) -> str:
-    """Start a site for `address` on `runner` and return the URL it really listens on."""
-    site: web.BaseSite
-    if address.path is not None:
-        site = web.UnixSite(runner, address.path)
-    else:
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+def _claim_unix_path(address: ListenAddress) -> None:
+    """Refuse a socket path another process serves; clear one a dead process left behind.
+
+    asyncio would silently replace any socket file, cutting off a proxy still running there.
+    """
+    assert address.path is not None
     try:
-        await site.start()
+        mode = os.stat(address.path).st_mode
+    except FileNotFoundError:
+        return
     except OSError as exc:
-        raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
-    if address.path is not None:
-        return f"unix:{address.path}"
-    host, port = runner.addresses[0][:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        raise ListenError(f"Cannot listen on {address}: {exc.strerror}.") from exc
+    if not stat.S_ISSOCK(mode):
+        raise ListenError(f"Cannot listen on {address}: the path exists and is not a socket.")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(address.path)
+        except OSError:
+            os.unlink(address.path)  # nobody answers: a leftover
+            return
+    raise ListenError(f"Cannot listen on {address}: another process is serving on it.")
 
 
 class StopSignals:

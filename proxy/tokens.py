@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ logger = logging.getLogger("skill_engine_proxy")
 
 Clock = Callable[[], float]
 
+# RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # Each (token URL, client, audience, tenant, scope set) is one entry; the config bounds them.
 _MAX_KEYS = 1024
 
@@ -80,8 +83,8 @@ def parse_token_response(
         raise BadTokenResponse(
             f"The token endpoint {endpoint} answered 200 without a non-empty access_token."
         )
-    if not access_token.isascii() or any(c in access_token for c in " \t\r\n"):
-        # RFC 6750 2.1: b64token characters only; anything else cannot go in a header.
+    if not _B64TOKEN.fullmatch(access_token):
+        # RFC 6750 2.1: a bearer token is a b64token; anything else cannot go in the header.
         raise BadTokenResponse(
             f"The token endpoint {endpoint} answered 200 with an access_token that is not "
             "a valid bearer token."

@@ -14,7 +14,6 @@ from pytest_aiohttp.plugin import AiohttpServer
 from proxy.config import Settings
 from proxy.server import ProxyServer
 from proxy.standins import StandinSkillEngine, StandinTokenEndpoint
-from proxy.tokens import Clock
 from tests.support import make_settings
 
 
@@ -65,8 +64,8 @@ async def start_proxy() -> AsyncIterator[StartProxy]:
     """Start the proxy in this process on free loopback ports; stopped after the test."""
     servers: list[ProxyServer] = []
 
-    async def start(settings: Settings, clock: Clock | None = None) -> ProxyServer:
-        server = ProxyServer(settings) if clock is None else ProxyServer(settings, clock=clock)
+    async def start(settings: Settings, **options: Any) -> ProxyServer:
+        server = ProxyServer(settings, **options)
         servers.append(server)
         await server.start()
         return server

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy import __version__
 from tests.conftest import Standins, StartStandins
@@ -216,6 +217,23 @@ async def test_check_fails_with_the_reason(
     assert "wrong-secret" not in stdout
 
 
+async def test_check_reports_a_redirect_as_a_failure_not_where_it_leads(
+    start_standins: StartStandins, config_for: Callable[..., Path]
+) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.get("/moved/version")
+    async def moved(_request: web.Request) -> web.Response:
+        raise web.HTTPFound("/version")
+
+    standins = await start_standins(routes)
+    config = config_for(standins, upstream={"url": f"{standins.upstream_url}/moved"})
+    status, stdout, _ = await run_command("check", "--config", str(config))
+    assert status == 1
+    assert "/moved/version answered 302: redirect to '/version'" in stdout
+    assert len(stdout.splitlines()) == 2
+
+
 async def test_check_fails_when_the_upstream_refuses_the_token(
     start_standins: StartStandins, config_for: Callable[..., Path]
 ) -> None:
@@ -226,9 +244,12 @@ async def test_check_fails_when_the_upstream_refuses_the_token(
     assert "/version answered 401" in stdout
 
 
-async def test_demo_answers_the_readme_curl_and_stops_on_ctrl_c() -> None:
+@asynccontextmanager
+async def running_demo(*arguments: str) -> AsyncIterator[str]:
+    """`demo` with `arguments`; yields what it printed up to "Ctrl-C", then sends SIGINT
+    and checks that it exits 0."""
     process = await asyncio.create_subprocess_exec(
-        *proxy_command("demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+        *proxy_command("demo", *arguments),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=subprocess_env(),
@@ -237,18 +258,31 @@ async def test_demo_answers_the_readme_curl_and_stops_on_ctrl_c() -> None:
     assert process.stderr is not None
     stderr: list[str] = []
     reader = asyncio.create_task(_collect(process.stderr, stderr))
-    printed = ""
-    while "Ctrl-C" not in printed:
-        line = await asyncio.wait_for(process.stdout.readline(), timeout=20)
-        assert line, "".join(stderr)
-        printed += line.decode()
+    try:
+        printed = ""
+        while "Ctrl-C" not in printed:
+            line = await asyncio.wait_for(process.stdout.readline(), timeout=20)
+            assert line, "".join(stderr)
+            printed += line.decode()
+        yield printed
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await reader
 
+
+async def test_demo_answers_the_readme_curl_and_stops_on_ctrl_c() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    curls = re.findall(r"curl -s (http://\S+)(?: -d '([^']*)')?", printed)
-    assert len(curls) == 2
-    async with aiohttp.ClientSession() as client:
-        version_url = curls[0][0]
-        async with client.get(version_url) as response:
+    async with (
+        running_demo("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0") as printed,
+        aiohttp.ClientSession() as client,
+    ):
+        curls = re.findall(r"curl -s (http://\S+)(?: -d '([^']*)')?", printed)
+        assert len(curls) == 2
+        async with client.get(curls[0][0]) as response:
             assert response.status == 200
             answer = await response.text()
         assert answer in readme  # the README shows what the demo answers
@@ -262,9 +296,19 @@ async def test_demo_answers_the_readme_curl_and_stops_on_ctrl_c() -> None:
         async with client.get(metrics_url.group(1)) as response:
             assert "skill_engine_proxy_token_fetches_total" in await response.text()
 
-    process.send_signal(signal.SIGINT)
-    assert await asyncio.wait_for(process.wait(), timeout=30) == 0
-    await reader
+
+async def test_demo_on_a_unix_socket_prints_curl_lines_that_work(tmp_path: Path) -> None:
+    path = tmp_path / "demo.sock"
+    async with running_demo("--listen", f"unix:{path}", "--admin-listen", "127.0.0.1:0") as printed:
+        match = re.search(r"curl -s --unix-socket (\S+) (http://localhost/version)", printed)
+        assert match, printed
+        connector = aiohttp.UnixConnector(path=match.group(1))
+        async with (
+            aiohttp.ClientSession(connector=connector) as client,
+            client.get(match.group(2)) as response,
+        ):
+            assert response.status == 200
+    assert not path.exists()
 
 
 async def test_a_taken_port_exits_1(standins: Standins, config_for: Callable[..., Path]) -> None:

@@ -239,3 +239,26 @@ def test_the_example_config_is_valid(tmp_path: Path) -> None:
     environ = {"SKILL_ENGINE_CLIENT_ID": "id", "SKILL_ENGINE_CLIENT_SECRET": SECRET}
     settings = load_settings(example, environ)
     assert settings.auth.client_id == "id"
+
+
+@pytest.mark.parametrize("written", ["*S3cr3tV4lu3-zzq", "!S3cr3tV4lu3-zzq"])
+def test_a_clear_secret_yaml_cannot_read_is_not_echoed(tmp_path: Path, written: str) -> None:
+    text = MINIMAL.replace("client_secret: ${SECRET_VAR}", f"client_secret: {written}")
+    message = config_error(write(tmp_path, text))
+    assert "YAML" in message
+    assert "S3cr3tV4lu3" not in message
+
+
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    text = MINIMAL + "  tenant: other\n"
+    assert "the key tenant appears twice" in config_error(write(tmp_path, text))
+
+
+def test_a_boolean_is_not_a_number_of_seconds(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "url: https://skill-engine.example",
+        "url: https://skill-engine.example\n  read_timeout: true",
+    )
+    assert "upstream.read_timeout: expected a number of seconds" in config_error(
+        write(tmp_path, text)
+    )

@@ -6,8 +6,9 @@ import asyncio
 import gzip
 import hashlib
 import json
+import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -321,34 +322,47 @@ async def test_no_content_stays_without_body_or_framing(upstream_proxy: ProxySer
     assert response.body == b""
 
 
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[Callable[[bytes], Awaitable[str]]]:
-    """An upstream that answers every request with the given bytes, exactly."""
-    servers: list[asyncio.Server] = []
+class RawUpstreams:
+    """Upstreams that answer every request with given bytes, exactly, and keep every
+    request they received (head and Content-Length body) as raw bytes."""
 
-    async def start(answer: bytes) -> str:
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self._servers: list[asyncio.Server] = []
+
+    async def start(self, answer: bytes) -> str:
         async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+            body = await reader.readexactly(int(length.group(1))) if length else b""
+            self.received.append(head + body)
             writer.write(answer)
             await writer.drain()
             writer.close()
 
         server = await asyncio.start_server(reply, "127.0.0.1", 0)
-        servers.append(server)
+        self._servers.append(server)
         return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
-    yield start
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstreams]:
+    upstreams = RawUpstreams()
+    yield upstreams
+    await upstreams.close()
 
 
 async def test_the_proxy_adds_no_content_type_or_server_of_its_own(
     standins: Standins,
     start_proxy: StartProxy,
-    raw_upstream: Callable[[bytes], Awaitable[str]],
+    raw_upstream: RawUpstreams,
 ) -> None:
-    upstream_url = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+    upstream_url = await raw_upstream.start(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
     proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
     response = await raw_exchange(
         proxy.proxy_url, b"GET /untyped HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -594,7 +608,7 @@ async def test_a_fragment_in_the_target_is_refused_not_cut_off(
 async def test_header_bytes_that_are_not_utf8_are_refused_not_corrupted(
     standins: Standins,
     start_proxy: StartProxy,
-    raw_upstream: Callable[[bytes], Awaitable[str]],
+    raw_upstream: RawUpstreams,
 ) -> None:
     proxy = await start_proxy(standins.settings())
     response = await raw_exchange(
@@ -614,7 +628,7 @@ async def test_header_bytes_that_are_not_utf8_are_refused_not_corrupted(
         "café".encode().decode("latin-1")
     ]
 
-    upstream_url = await raw_upstream(
+    upstream_url = await raw_upstream.start(
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Up: caf\xe9\r\n\r\n"
     )
     relaying = await start_proxy(standins.settings(upstream={"url": upstream_url}))
@@ -628,10 +642,10 @@ async def test_header_bytes_that_are_not_utf8_are_refused_not_corrupted(
 async def test_an_invalid_upstream_answer_is_502_without_the_query_anywhere(
     standins: Standins,
     start_proxy: StartProxy,
-    raw_upstream: Callable[[bytes], Awaitable[str]],
+    raw_upstream: RawUpstreams,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    upstream_url = await raw_upstream(b"NOT HTTP AT ALL\r\n\r\n")
+    upstream_url = await raw_upstream.start(b"NOT HTTP AT ALL\r\n\r\n")
     proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
     response = await raw_exchange(
         proxy.proxy_url,
@@ -706,3 +720,77 @@ async def test_a_client_that_hangs_up_cancels_its_upstream_request_and_counts_49
         await asyncio.sleep(0.01)
     assert sample(text, "skill_engine_proxy_requests_in_flight") == 0
     assert not held.release.is_set()
+
+
+async def test_an_encoded_request_body_reaches_the_upstream_as_sent(
+    standins: Standins, start_proxy: StartProxy, raw_upstream: RawUpstreams
+) -> None:
+    upstream_url = await raw_upstream.start(b"HTTP/1.1 204 No Content\r\n\r\n")
+    proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
+    body = gzip.compress(b'{"skills": ["python"]}' * 20)
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body),
+    )
+    assert response.status == 204
+    [received] = raw_upstream.received
+    assert received.endswith(b"\r\n\r\n" + body)
+    assert b"\r\nContent-Length: %d\r\n" % len(body) in received
+    assert b"\r\nContent-Encoding: gzip\r\n" in received
+
+
+async def test_repeats_spelled_differently_all_arrive(
+    standins: Standins, start_proxy: StartProxy, raw_upstream: RawUpstreams
+) -> None:
+    upstream_url = await raw_upstream.start(b"HTTP/1.1 204 No Content\r\n\r\n")
+    proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
+    await raw_exchange(
+        proxy.proxy_url,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\nX-a: 3\r\nConnection: close\r\n\r\n",
+    )
+    [received] = raw_upstream.received
+    values = re.findall(rb"\r\nx-a: (\d)", received, re.IGNORECASE)
+    assert values == [b"1", b"2", b"3"]
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked"])
+async def test_transfer_codings_but_chunked_are_refused(
+    standins: Standins, proxy: ProxyServer, coding: bytes
+) -> None:
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n"
+        b"Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    assert response.status == 400
+    assert list(standins.skill_engine.received) == []
+
+
+async def test_a_refused_request_closes_its_connection(proxy: ProxyServer) -> None:
+    host, port = proxy.proxy_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)  # until the proxy closes
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b"\r\nConnection: close\r\n" in answer
+
+
+async def test_a_client_that_stops_sending_its_body_is_refused_after_read_timeout(
+    standins: Standins, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(standins.settings(upstream={"read_timeout": 0.3}))
+    host, port = proxy.proxy_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 400")
+    assert b"X-Skill-Engine-Proxy-Error: bad_request" in head

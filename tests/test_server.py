@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -50,3 +52,78 @@ async def test_a_taken_port_is_a_listen_error(
     )
     with pytest.raises(ListenError, match=f"Cannot listen on 127.0.0.1:{port}"):
         await start_proxy(settings)
+
+
+async def test_requests_still_in_flight_after_the_grace_period_are_cut_off(
+    start_standins: StartStandins,
+    start_proxy: StartProxy,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    proxy = await start_proxy(standins.settings(), shutdown_grace=0.2)
+
+    async def stuck_call() -> int:
+        async with client.get(f"{proxy.proxy_url}/slow") as response:
+            return response.status
+
+    in_flight = asyncio.create_task(stuck_call())
+    await held.arrived.wait()
+    await proxy.stop()
+
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await in_flight
+    assert "1 requests still in flight after 0.2 s; cutting them off" in caplog.text
+    assert not held.release.is_set()
+
+
+async def test_a_unix_socket_is_served_and_removed_on_stop(
+    standins: Standins, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.sock"
+    proxy = await start_proxy(
+        standins.settings().model_copy(update={"listen": ListenAddress(path=str(path))})
+    )
+    assert proxy.proxy_url == f"unix:{path}"
+    connector = aiohttp.UnixConnector(path=str(path))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get("http://localhost/version") as response,
+    ):
+        assert response.status == 200
+    await proxy.stop()
+    assert not path.exists()
+
+
+async def test_a_unix_socket_another_proxy_serves_is_not_taken_over(
+    standins: Standins, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    settings = standins.settings().model_copy(
+        update={"listen": ListenAddress(path=str(tmp_path / "proxy.sock"))}
+    )
+    first = await start_proxy(settings)
+    with pytest.raises(ListenError, match="another process is serving on it"):
+        await start_proxy(settings)
+    assert first.proxy_url == f"unix:{tmp_path / 'proxy.sock'}"
+    assert (tmp_path / "proxy.sock").is_socket()
+
+
+async def test_a_leftover_socket_file_is_reclaimed_and_a_regular_file_is_not(
+    standins: Standins, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    leftover = tmp_path / "left.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(leftover))  # bound, never listening: what a killed process leaves
+    reclaimed = await start_proxy(
+        standins.settings().model_copy(update={"listen": ListenAddress(path=str(leftover))})
+    )
+    assert reclaimed.proxy_url == f"unix:{leftover}"
+
+    regular = tmp_path / "notes.txt"
+    regular.write_text("keep me")
+    with pytest.raises(ListenError, match="is not a socket"):
+        await start_proxy(
+            standins.settings().model_copy(update={"listen": ListenAddress(path=str(regular))})
+        )
+    assert regular.read_text() == "keep me"

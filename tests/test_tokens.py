@@ -41,6 +41,13 @@ class CountingFetch:
         )
 
 
+def test_a_jwt_shaped_token_is_a_valid_bearer_token() -> None:
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLV8rLw=="
+    assert parse({"access_token": jwt, "expires_in": 60}).authorization.get_secret_value() == (
+        f"Bearer {jwt}"
+    )
+
+
 @pytest.mark.parametrize("expires_in", [3600, "3600", 3600.0, " 86400 "])
 def test_expires_in_may_be_a_number_or_a_numeric_string(expires_in: object) -> None:
     token = parse({"access_token": "abc", "expires_in": expires_in, "token_type": "Bearer"})
@@ -65,6 +72,10 @@ def test_expires_in_may_be_a_number_or_a_numeric_string(expires_in: object) -> N
         {"access_token": "abc", "expires_in": 3600, "token_type": "mac"},
         {"access_token": "two words", "expires_in": 3600},
         {"access_token": "line\r\nbreak", "expires_in": 3600},
+        {"access_token": "nul\x00byte", "expires_in": 3600},
+        {"access_token": "del\x7f", "expires_in": 3600},
+        {"access_token": "caf\u00e9", "expires_in": 3600},
+        {"access_token": "=abc", "expires_in": 3600},
     ],
 )
 def test_an_answer_without_a_usable_token_is_an_error(payload: object) -> None:
