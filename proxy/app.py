@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy.config import Settings
 from proxy.errors import BadRequest, ClientGone, ProxyError, TokenUnavailable, error_response
 from proxy.forwarder import (
+    SENT_STATUS,
     Forwarder,
     check_request,
     defer_continue,
@@ -112,8 +113,9 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
         response = await _answer(request, handler)
     except asyncio.CancelledError:
         if request.transport is None:
-            # aiohttp cancels the handler of a client that hung up (handler_cancellation).
-            _count(request, started, ClientGone.status)
+            # aiohttp cancels the handler of a client that hung up (handler_cancellation):
+            # 499 if its answer had not begun, else the status it was sent.
+            _count(request, started, request.get(SENT_STATUS, ClientGone.status))
         raise
     finally:
         in_flight.discard(task)

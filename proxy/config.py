@@ -94,14 +94,13 @@ def is_loopback(host: str | None) -> bool:
 
 
 def redact_url(value: str) -> str:
-    """`value` with any user:password part masked, for messages."""
+    """`value` without a user:password part, query or fragment (any of which may hold a
+    secret), for messages."""
     try:
         url = URL(value)
     except ValueError:
         return "<unparseable URL>"
-    if url.raw_user is None and url.raw_password is None:
-        return value
-    return str(url.with_user(None).with_password(None))
+    return str(url.with_user(None).with_password(None).with_query(None).with_fragment(None))
 
 
 def _service_url(value: str, *, what: str) -> str:
@@ -270,7 +269,13 @@ class _StrictLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults`, resolved by construct_mapping below
         key = loader.construct_object(key_node)
+        if not isinstance(key, str | int | float | bool) and key is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a plain name", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"the key {key} appears twice", key_node.start_mark

@@ -118,8 +118,10 @@ def describe_client_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the body was cut short"
     if isinstance(exc, aiohttp.ClientResponseError):
-        words = "".join(c if c.isprintable() else " " for c in str(exc.message))
-        return f"not a valid HTTP answer ({words[:200]})"
+        # Parser messages quote the offending bytes after a colon: keep only what went wrong.
+        words = str(exc.message).partition(":")[0]
+        words = "".join(c if c.isprintable() else " " for c in words)
+        return f"not a valid HTTP answer ({words[:100]})"
     if isinstance(exc, aiohttp.ClientOSError):
         return exc.strerror or "the connection failed"
     return type(exc).__name__

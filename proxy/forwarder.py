@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp import hdrs, web
-from aiohttp.http import HttpVersion11
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -31,6 +32,9 @@ from proxy.metrics import Metrics
 from proxy.tokens import TokenCache, TokenKey
 
 logger = logging.getLogger("skill_engine_proxy")
+
+# The status already sent to the client, once a relayed answer has begun.
+SENT_STATUS = web.RequestKey("sent_status", int)
 
 # RFC 9110 7.6.1: hop-by-hop fields, plus the Connection header's own list (read per
 # message) and the obsolete Proxy-Connection that old clients still send.
@@ -74,12 +78,24 @@ class ForwardedResponse(web.StreamResponse):
         """Raises `UnrelayableHeader` when an upstream header cannot be passed on intact."""
         super().__init__(
             status=upstream.status,
-            reason=upstream.reason,
-            headers=forwardable_headers(upstream.headers, HOP_BY_HOP),
+            reason=_reason(upstream),
+            headers=forwardable_headers(upstream.raw_headers, HOP_BY_HOP),
         )
         self.added_by_server = tuple(
             name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in upstream.headers
         )
+
+
+def _reason(upstream: aiohttp.ClientResponse) -> str | None:
+    """The upstream's reason phrase, or the standard one where aiohttp's writer would drop
+    bytes of it; clients ignore it anyway (RFC 9112 4)."""
+    reason = upstream.reason
+    if reason is None or reason.isascii() or not _holds_raw_bytes(reason):
+        return reason
+    try:
+        return HTTPStatus(upstream.status).phrase
+    except ValueError:
+        return ""
 
 
 async def strip_server_defaults(_request: web.Request, response: web.StreamResponse) -> None:
@@ -87,16 +103,6 @@ async def strip_server_defaults(_request: web.Request, response: web.StreamRespo
     if isinstance(response, ForwardedResponse):
         for name in response.added_by_server:
             response.headers.popall(name, None)
-
-
-def connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """The field names listed in the Connection header(s), lower-cased (RFC 9110 7.6.1)."""
-    return frozenset(
-        option.strip().lower()
-        for value in headers.getall(hdrs.CONNECTION, ())
-        for option in value.split(",")
-        if option.strip()
-    )
 
 
 class UnrelayableHeader(Exception):
@@ -112,15 +118,26 @@ class UnrelayableHeader(Exception):
 
 
 def forwardable_headers(
-    headers: CIMultiDictProxy[str], dropped: frozenset[str]
+    raw_headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[str]
 ) -> CIMultiDict[str]:
-    """`headers` without `dropped` and without the fields Connection names; repeats kept."""
-    named = connection_options(headers)
+    """The headers as received, in order and spelling, without `dropped` and without the
+    fields the Connection header names (RFC 9110 7.6.1); repeats kept."""
+    # Decoded as aiohttp decodes them: bytes that are not UTF-8 become lone surrogates.
+    headers = [
+        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+        for name, value in raw_headers
+    ]
+    named = {
+        option.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for option in value.split(",")
+    }
     kept: CIMultiDict[str] = CIMultiDict()
     # aiohttp's client merges headers by exact spelling: a repeat spelled differently
     # (X-A, then x-a) would replace the first. Every repeat takes the first spelling.
     spelling: dict[str, str] = {}
-    for name, value in headers.items():
+    for name, value in headers:
         lowered = name.lower()
         if lowered in dropped or lowered in named:
             continue
@@ -169,6 +186,12 @@ def check_request(request: web.Request) -> None:
     - TRACE would reflect the bearer token back to the client; RFC 9110 9.3.8 forbids
       sending credentials in it.
     """
+    if request.version not in (HttpVersion10, HttpVersion11):
+        # HTTP/0.9 has no headers to carry a token; this server does not speak HTTP/2.
+        raise BadRequest(
+            f"The proxy speaks HTTP/1.1 and 1.0, not HTTP/{request.version.major}."
+            f"{request.version.minor}."
+        )
     target = request.raw_path
     if request.method == hdrs.METH_CONNECT or not target.startswith("/") or "#" in target:
         raise BadRequest(
@@ -176,8 +199,7 @@ def check_request(request: web.Request) -> None:
             f"fragment) to its configured upstream; it does not accept {request.method} "
             f"{target.partition('?')[0][:100]!r}."
         )
-    codings = request.headers.getall(hdrs.TRANSFER_ENCODING, ())
-    if codings and [c.strip().lower() for v in codings for c in v.split(",")] != ["chunked"]:
+    if not only_chunked(request.headers):
         # RFC 9112 6.1: aiohttp undoes only chunked; forwarding the rest as plain chunked
         # would hand the upstream gzip bytes it was not told about.
         raise BadRequest(
@@ -190,12 +212,18 @@ def check_request(request: web.Request) -> None:
         )
 
 
+def only_chunked(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether Transfer-Encoding is absent or just `chunked`, the only coding aiohttp undoes."""
+    codings = headers.getall(hdrs.TRANSFER_ENCODING, ())
+    return not codings or [c.strip().lower() for v in codings for c in v.split(",")] == ["chunked"]
+
+
 def _max_forwards(request: web.Request) -> int | None:
     """The Max-Forwards of an OPTIONS request (RFC 9110 7.6.2), or None when absent."""
     if request.method != hdrs.METH_OPTIONS or hdrs.MAX_FORWARDS not in request.headers:
         return None
     value = request.headers[hdrs.MAX_FORWARDS].strip()
-    if not value.isdigit():
+    if not value.isascii() or not value.isdigit():
         raise BadRequest(f"Max-Forwards must be a number of hops, got {value[:20]!r}.")
     return int(value)
 
@@ -293,7 +321,7 @@ class Forwarder:
 
     def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         try:
-            return forwardable_headers(request.headers, _REQUEST_FIELDS_NOT_FORWARDED)
+            return forwardable_headers(request.raw_headers, _REQUEST_FIELDS_NOT_FORWARDED)
         except UnrelayableHeader as exc:
             raise BadRequest(
                 f"The {exc.name} header holds bytes that are not UTF-8; the proxy cannot "
@@ -327,8 +355,8 @@ class Forwarder:
                 raise ClientGone("The client closed the connection before the answer.") from exc
             if body is not None and body.failure is not None:
                 raise BadRequest(
-                    "The request body stopped arriving: nothing came for "
-                    f"{self._read_timeout:g} s (upstream.read_timeout)."
+                    "The request body stopped arriving, or was malformed: nothing usable "
+                    f"came for {self._read_timeout:g} s (upstream.read_timeout)."
                     if isinstance(body.failure, TimeoutError)
                     else "The request body could not be read: "
                     f"{describe_client_error(body.failure)}."
@@ -353,6 +381,12 @@ class Forwarder:
     async def _stream_back(
         self, request: web.Request, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
+        if not 100 <= upstream.status <= 599 or not only_chunked(upstream.headers):
+            self._upstream_errors.labels(self.tenant, "protocol").inc()
+            raise UpstreamUnreachable(
+                f"The upstream {self._base} answered with status {upstream.status} or a "
+                "transfer coding other than chunked, which the proxy cannot relay intact."
+            )
         try:
             response = ForwardedResponse(upstream)
         except UnrelayableHeader as exc:
@@ -363,6 +397,7 @@ class Forwarder:
             ) from None
         try:
             await response.prepare(request)
+            request[SENT_STATUS] = response.status
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()

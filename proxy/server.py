@@ -12,6 +12,7 @@ import stat
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.app import IN_FLIGHT, Lifecycle, Phase, create_admin_app, create_proxy_app
 from proxy.config import ListenAddress, Settings
@@ -27,6 +28,22 @@ SHUTDOWN_GRACE = 30.0
 _CLOSE_TIMEOUT = 1.0
 
 
+class _QuietMalformedRequests(logging.Filter):
+    """aiohttp logs a request its parser refuses at ERROR, with a traceback that quotes the
+    offending bytes: a query, an Authorization value. It is the client's mistake, so the
+    proxy keeps one line at DEBUG, without the quote."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        logger.debug("Refused a malformed request: %s.", error.message.partition(":")[0][:100])
+        return False
+
+
+_QUIET_MALFORMED_REQUESTS = _QuietMalformedRequests()
+
+
 class ProxyServer:
     """The proxy and admin listeners of one process, with their shared metrics and phase."""
 
@@ -39,6 +56,9 @@ class ProxyServer:
     ) -> None:
         self.settings = settings
         self._shutdown_grace = shutdown_grace
+        server_logger = logging.getLogger("aiohttp.server")
+        if _QUIET_MALFORMED_REQUESTS not in server_logger.filters:
+            server_logger.addFilter(_QUIET_MALFORMED_REQUESTS)
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
         self._proxy_app = create_proxy_app(settings, self.metrics, clock=clock)
@@ -57,7 +77,9 @@ class ProxyServer:
             access_log=None,
             shutdown_timeout=_CLOSE_TIMEOUT,
         )
-        self._unix_paths: list[str] = []
+        # Socket files this process created, with their inode: a successor started during
+        # the drain may have bound the same path since, and its socket must stay.
+        self._unix_sockets: list[tuple[str, tuple[int, int]]] = []
         self.proxy_url = ""
         self.admin_url: str | None = None
 
@@ -120,10 +142,11 @@ class ProxyServer:
         for runner in (self._proxy, self._admin):
             if runner.server is not None:
                 await runner.cleanup()
-        for path in self._unix_paths:
+        for path, identity in self._unix_sockets:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._unix_paths.clear()
+                if _identity(path) == identity:
+                    os.unlink(path)
+        self._unix_sockets.clear()
 
     async def _bind(self, runner: web.AppRunner, address: ListenAddress) -> str:
         """Start a site for `address` on `runner`; return the URL it really listens on."""
@@ -138,10 +161,15 @@ class ProxyServer:
         except OSError as exc:
             raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
         if address.path is not None:
-            self._unix_paths.append(address.path)
+            self._unix_sockets.append((address.path, _identity(address.path)))
             return f"unix:{address.path}"
         host, port = runner.addresses[-1][:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _identity(path: str) -> tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def _claim_unix_path(address: ListenAddress) -> None:

@@ -30,6 +30,8 @@ MAX_ANSWER_BYTES = 64 * 1024
 # Auth0 answers in well under a second; past these the endpoint is treated as unreachable.
 CONNECT_TIMEOUT = 10.0
 TOTAL_TIMEOUT = 30.0
+# A Retry-After longer than this is not believed: the proxy tries again after an hour.
+MAX_RETRY_AFTER = 3600.0
 # OAuth errors that mean the request was understood and the client is not allowed
 # (RFC 6749 5.2; Auth0 also answers 401/403 with access_denied).
 _REJECTION_ERRORS = frozenset(
@@ -117,9 +119,12 @@ class TokenEndpoint:
                 status = response.status
                 retry_after = _retry_after(response.headers)
         except TimeoutError as exc:
-            raise TokenEndpointUnreachable(
-                f"The token endpoint {self._url} did not answer within {TOTAL_TIMEOUT:.0f} s."
-            ) from exc
+            waited = (
+                f"could not be connected to within {CONNECT_TIMEOUT:.0f} s"
+                if isinstance(exc, aiohttp.ConnectionTimeoutError)
+                else f"did not answer within {TOTAL_TIMEOUT:.0f} s"
+            )
+            raise TokenEndpointUnreachable(f"The token endpoint {self._url} {waited}.") from exc
         except aiohttp.ClientError as exc:
             raise TokenEndpointUnreachable(
                 f"Could not reach the token endpoint {self._url}: {describe_client_error(exc)}."
@@ -163,9 +168,10 @@ class TokenEndpoint:
         words = ": ".join(part for part in (error, description) if part)
         if not words:
             return ""
+        # Mask first: trimming or replacing characters could break the secret's match.
+        words = words.replace(self._auth.secret.get_secret_value(), "***")
         words = "".join(c if c.isprintable() else " " for c in words)[:300]
-        secret = self._auth.secret.get_secret_value()
-        return f": {words.replace(secret, '***')}"
+        return f": {words}"
 
 
 async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
@@ -182,7 +188,7 @@ async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
 def _json_or_none(answer: bytes) -> Any:
     try:
         return json.loads(answer)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
@@ -199,18 +205,27 @@ def _oauth_error(payload: Any) -> tuple[str | None, str | None]:
 
 
 def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait, from Retry-After or Auth0's x-ratelimit-reset, if either is usable."""
+    """Seconds to wait, from Retry-After or Auth0's x-ratelimit-reset, if either is usable;
+    never more than `MAX_RETRY_AFTER`."""
     value = (headers.get("Retry-After") or "").strip()
-    if value.isdigit():
-        return float(value)
-    if value:
+    delay: float | None = None
+    if (seconds := _number(value)) is not None:
+        delay = seconds
+    elif value:
         # RFC 9110 10.2.3: Retry-After is delay-seconds or an HTTP-date.
         try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            pass
-    reset = (headers.get("x-ratelimit-reset") or "").strip()
-    if reset.isdigit():
+            delay = parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            delay = None
+    if delay is None and (reset := _number(headers.get("x-ratelimit-reset"))) is not None:
         # Auth0 sends the UNIX time at which its rate limit resets.
-        return max(0.0, float(reset) - time.time())
-    return None
+        delay = reset - time.time()
+    return None if delay is None else min(MAX_RETRY_AFTER, max(0.0, delay))
+
+
+def _number(value: str | None) -> int | None:
+    """A header's non-negative integer, when it is one of sane size."""
+    value = (value or "").strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 15:
+        return None
+    return int(value)

@@ -115,17 +115,16 @@ def parse_token_response(
 
 
 def _seconds(value: Any) -> float | None:
-    """A positive number of seconds from an int or a numeric string, else None."""
-    if isinstance(value, bool):
+    """A positive, finite number of seconds from an int or a numeric string, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            return None
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    try:
+        seconds = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
         return None
-    return float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return seconds
 
 
 class TokenCache:

@@ -262,3 +262,26 @@ def test_a_boolean_is_not_a_number_of_seconds(tmp_path: Path) -> None:
     assert "upstream.read_timeout: expected a number of seconds" in config_error(
         write(tmp_path, text)
     )
+
+
+def test_a_key_that_is_not_a_plain_name_is_an_error(tmp_path: Path) -> None:
+    text = MINIMAL + "? [a, b]\n: c\n"
+    assert "a key must be a plain name" in config_error(write(tmp_path, text))
+
+
+def test_yaml_merge_keys_work(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "upstream:\n  url: https://skill-engine.example",
+        "upstream:\n  <<: {connect_timeout: 3}\n  url: https://skill-engine.example",
+    )
+    settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+    assert settings.upstream.connect_timeout == 3
+
+
+def test_a_token_url_query_is_not_echoed(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "region: eu", "token_url: https://auth.example/oauth/token?client_secret=q-secret"
+    )
+    message = config_error(write(tmp_path, text))
+    assert "must not have a query" in message
+    assert "q-secret" not in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from proxy.config import ListenAddress
 from proxy.errors import ListenError
 from proxy.server import ProxyServer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import HeldRoute
+from tests.support import HeldRoute, raw_exchange
 
 
 async def test_stop_lets_in_flight_requests_finish_and_reports_not_ready(
@@ -127,3 +128,55 @@ async def test_a_leftover_socket_file_is_reclaimed_and_a_regular_file_is_not(
             standins.settings().model_copy(update={"listen": ListenAddress(path=str(regular))})
         )
     assert regular.read_text() == "keep me"
+
+
+def accepts_connections(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        return probe.connect_ex(str(path)) == 0
+
+
+async def test_a_draining_proxy_leaves_its_successors_unix_socket_alone(
+    start_standins: StartStandins, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    path = tmp_path / "proxy.sock"
+    settings = standins.settings().model_copy(update={"listen": ListenAddress(path=str(path))})
+    old = await start_proxy(settings)
+
+    connector = aiohttp.UnixConnector(path=str(path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        slow = asyncio.create_task(session.get("http://localhost/slow"))
+        await held.arrived.wait()
+        draining = asyncio.create_task(old.stop())
+        while accepts_connections(path):  # noqa: ASYNC110 - until the old listener closes
+            await asyncio.sleep(0.01)
+        assert path.is_socket()  # its socket file stays until the drain ends
+        new = await start_proxy(settings)
+        held.release.set()
+        (await slow).release()
+        await draining
+
+    assert path.is_socket()
+    connector = aiohttp.UnixConnector(path=str(path))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get("http://localhost/version") as response,
+    ):
+        assert response.status == 200
+    assert new.proxy_url == f"unix:{path}"
+
+
+async def test_a_malformed_request_is_logged_without_its_bytes(
+    proxy: ProxyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"GET /x?apikey=QUERY-VALUE HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer CLIENT-CRED\x01\r\nConnection: close\r\n\r\n",
+    )
+    assert response.status == 400
+    assert "QUERY-VALUE" not in caplog.text
+    assert "CLIENT-CRED" not in caplog.text
+    assert "Refused a malformed request" in caplog.text

@@ -140,6 +140,45 @@ async def test_answers_without_a_token_become_errors(
     assert words in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (Answer(200, {"access_token": "abc", "expires_in": int("9" * 400)}), BadTokenResponse),
+        (Answer(200, b"[" * 30000), BadTokenResponse),
+        (Answer(429, None, {"Retry-After": "Mon, 01 Jan 99999999999 00:00:00 GMT"}), None),
+    ],
+)
+async def test_absurd_answers_are_errors_not_crashes(
+    standins: Standins, fetch: Any, answer: Answer, error: type[TokenUnavailable] | None
+) -> None:
+    standins.tokens.answer_next(answer)
+    with pytest.raises(error or TokenEndpointUnreachable) as caught:
+        await fetch()
+    assert caught.value.retry_after is None or caught.value.retry_after <= 3600
+
+
+@pytest.mark.parametrize("retry_after", ["99999999999999999999", "\u0663\u0660"])
+async def test_a_retry_after_that_is_not_a_sane_number_is_ignored(
+    standins: Standins, fetch: Any, retry_after: str
+) -> None:
+    standins.tokens.answer_next(Answer(429, None, {"Retry-After": retry_after}))
+    with pytest.raises(TokenEndpointUnreachable) as caught:
+        await fetch()
+    assert caught.value.retry_after is None
+
+
+async def test_a_secret_echoed_where_the_quote_is_cut_is_still_masked(
+    standins: Standins, fetch: Any
+) -> None:
+    description = "x" * 285 + SECRET + " and more\twords"
+    standins.tokens.answer_next(
+        Answer(401, {"error": "access_denied", "error_description": description})
+    )
+    with pytest.raises(CredentialsRejected) as caught:
+        await fetch()
+    assert "-secr" not in str(caught.value)  # no part of the secret: standin-secret
+
+
 async def test_rate_limit_answers_say_when_to_retry(standins: Standins, fetch: Any) -> None:
     standins.tokens.answer_next(Answer(429, {"error": "too_many_requests"}, {"Retry-After": "7"}))
     with pytest.raises(TokenEndpointUnreachable) as caught:
