@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.config import Settings
-from proxy.errors import BadRequest, ClientGone, ProxyError, TokenUnavailable, error_response
+from proxy.errors import (
+    BadRequest,
+    ClientGone,
+    CredentialsRejected,
+    ProxyError,
+    TokenUnavailable,
+    error_response,
+)
 from proxy.forwarder import (
     SENT_STATUS,
     Forwarder,
@@ -27,9 +34,9 @@ from proxy.forwarder import (
     new_upstream_session,
     strip_server_defaults,
 )
-from proxy.metrics import Metrics, method_label
+from proxy.metrics import Metrics, TokenMetrics, method_label
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
-from proxy.tokens import Clock, TokenCache
+from proxy.tokens import Clock, SystemClock, TokenKeeper, TokenKey
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -44,14 +51,17 @@ class Phase(enum.Enum):
 
 @dataclass
 class Lifecycle:
+    """The process's phase, and what keeps it from being ready (None when nothing does)."""
+
     phase: Phase = Phase.STARTING
+    token_problem: Callable[[], str | None] = lambda: None
 
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
-TOKENS = web.AppKey("tokens", TokenCache)
+TOKENS = web.AppKey("tokens", TokenKeeper)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 IN_FLIGHT: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("in_flight")
 
@@ -61,14 +71,16 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def create_proxy_app(
     settings: Settings,
     metrics: Metrics,
+    lifecycle: Lifecycle,
     *,
-    clock: Clock = time.monotonic,
+    clock: Clock | None = None,
 ) -> web.Application:
-    """The forwarding application. Its clients and token cache live in its cleanup context."""
+    """The forwarding application. Its clients and token keeper live in its cleanup context."""
     app = web.Application(middlewares=[_observe_and_answer_errors])
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[CLOCK] = clock
+    app[LIFECYCLE] = lifecycle
+    app[CLOCK] = clock or SystemClock()
     app[IN_FLIGHT] = set()
     app.cleanup_ctx.append(_clients)
     app.on_response_prepare.append(strip_server_defaults)
@@ -78,21 +90,51 @@ def create_proxy_app(
 
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
-    settings, metrics = app[SETTINGS], app[METRICS]
+    settings, metrics, auth = app[SETTINGS], app[METRICS], app[SETTINGS].auth
     token_session = new_token_session()
     upstream_session = new_upstream_session(settings.upstream)
-    endpoint = TokenEndpoint(token_session, settings.auth, metrics, clock=app[CLOCK])
-    tokens = TokenCache(
-        endpoint.fetch, refresh_margin=settings.auth.refresh_margin, clock=app[CLOCK]
+    endpoint = TokenEndpoint(token_session, auth, metrics, clock=app[CLOCK])
+    tokens = TokenKeeper(
+        endpoint.fetch,
+        refresh_margin=auth.refresh_margin,
+        refresh_at=auth.refresh_at,
+        idle_after=auth.idle_after,
+        clock=app[CLOCK],
+        events=TokenMetrics(metrics),
     )
+    key = token_key(auth)
     app[TOKENS] = tokens
     app[FORWARDER] = Forwarder(
-        upstream_session, settings.upstream, tokens, token_key(settings.auth), metrics
+        upstream_session,
+        settings.upstream,
+        tokens,
+        key,
+        metrics,
+        replay_body_limit=settings.replay_body_limit,
     )
+    if auth.prefetch:
+        tokens.prefetch(key)
+    app[LIFECYCLE].token_problem = lambda: token_problem(tokens, key, prefetch=auth.prefetch)
     yield
     await tokens.close()
     await upstream_session.close()
     await token_session.close()
+
+
+def token_problem(tokens: TokenKeeper, key: TokenKey, *, prefetch: bool) -> str | None:
+    """Why requests for `key` cannot be served now, for `/readyz`; None when they can.
+
+    Without a usable token the proxy is not ready when the credentials are rejected, and,
+    when it fetches at start, until it holds a token.
+    """
+    if tokens.has_usable(key):
+        return None
+    failure = tokens.failure(key)
+    if isinstance(failure, CredentialsRejected):
+        return f"credentials rejected: {failure}"
+    if not prefetch:
+        return None
+    return "no token yet" if failure is None else f"no token: {failure}"
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
@@ -183,7 +225,10 @@ async def _healthz(_request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    phase = request.app[LIFECYCLE].phase
-    if phase is Phase.SERVING:
-        return web.Response(text="ready\n")
-    return web.Response(status=503, text=f"not ready: {phase.value}\n")
+    lifecycle = request.app[LIFECYCLE]
+    if lifecycle.phase is not Phase.SERVING:
+        return web.Response(status=503, text=f"not ready: {lifecycle.phase.value}\n")
+    problem = lifecycle.token_problem()
+    if problem is not None:
+        return web.Response(status=503, text=f"not ready: {problem}\n")
+    return web.Response(text="ready\n")

@@ -174,6 +174,9 @@ class AuthSettings(_Section):
     tenant: NonEmpty
     scopes: tuple[str, ...] | None = None
     refresh_margin: Seconds = 60.0
+    refresh_at: Annotated[float, BeforeValidator(_not_a_boolean), Field(gt=0, le=1)] = 0.8
+    idle_after: PositiveSeconds = 3600.0
+    prefetch: bool = True
 
     @field_validator("token_url")
     @classmethod
@@ -227,6 +230,8 @@ class Settings(_Section):
     admin_listen: Listen | None = ListenAddress(host="127.0.0.1", port=9090)
     upstream: UpstreamSettings
     auth: AuthSettings
+    replay_body_limit: Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=0)] = 65536
+    """Largest request body (bytes, known length) kept to replay after an upstream 401."""
 
 
 def load_settings(

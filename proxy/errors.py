@@ -53,26 +53,40 @@ class ListenError(ProxyError):
 
 
 class TokenUnavailable(ProxyError):
-    """No valid token can be had now; `retry_after` is when trying again makes sense."""
+    """No valid token can be had now.
+
+    `retry_after` is when the proxy tries again, in seconds; `reason` names the failure
+    for metrics (connect, timeout, server_error, rate_limited, bad_response, rejected).
+    """
 
     status = 503
     code = "token_unavailable"
+    default_reason: ClassVar[str] = "unavailable"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.reason = reason or self.default_reason
 
 
 class CredentialsRejected(TokenUnavailable):
     """The token endpoint answered that the client credentials are not accepted."""
 
+    default_reason = "rejected"
+
 
 class TokenEndpointUnreachable(TokenUnavailable):
     """The token endpoint could not be reached, timed out, failed or rate-limited us."""
 
+    default_reason = "connect"
+
 
 class BadTokenResponse(TokenUnavailable):
     """The token endpoint answered, but not with a token the proxy can use."""
+
+    default_reason = "bad_response"
 
 
 class UpstreamUnreachable(ProxyError):

@@ -16,7 +16,6 @@ from http import HTTPStatus
 import aiohttp
 from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -24,12 +23,14 @@ from proxy.config import UpstreamSettings
 from proxy.errors import (
     BadRequest,
     ClientGone,
+    ProxyError,
+    TokenUnavailable,
     UpstreamTimeout,
     UpstreamUnreachable,
     describe_client_error,
 )
 from proxy.metrics import Metrics
-from proxy.tokens import TokenCache, TokenKey
+from proxy.tokens import Token, TokenKeeper, TokenKey
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -247,20 +248,43 @@ async def defer_continue(_request: web.Request) -> None:
     """
 
 
-class ClientBody:
-    """The client's request body, streamed to aiohttp's client.
+class RequestBody:
+    """The client's request body on its way upstream: absent, kept whole, or streamed.
+
+    A body with a known length up to `keep_limit` is read before it is sent, as nginx
+    buffers request bodies, so it can be sent again after an upstream 401. A larger one,
+    or one of unknown length, streams through and cannot be replayed.
 
     aiohttp's server sets no limit on a client that stops sending mid-body (or sends a
-    malformed chunk it then waits past), so each read waits at most `idle_timeout`. The
+    malformed chunk it then waits past), so each read waits at most `idle_timeout`. A read
     failure is kept so that it is blamed on the client, not on the upstream.
     """
 
-    def __init__(self, content: StreamReader, idle_timeout: float) -> None:
-        self._content = content
+    def __init__(self, request: web.Request, idle_timeout: float, keep_limit: int) -> None:
+        self._content = request.content if request.body_exists else None
+        self._length = request.content_length
         self._idle_timeout = idle_timeout
+        self._keep_limit = keep_limit
+        self.kept: bytes | None = None
         self.failure: BaseException | None = None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    @property
+    def replayable(self) -> bool:
+        return self._content is None or self.kept is not None
+
+    async def keep_if_small(self) -> None:
+        if self._content is None or self._length is None or self._length > self._keep_limit:
+            return
+        self.kept = b"".join([chunk async for chunk in self._chunks()])
+
+    def data(self) -> bytes | AsyncIterator[bytes] | None:
+        """What to hand aiohttp's client as the body."""
+        if self._content is None or self.kept is not None:
+            return self.kept
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        assert self._content is not None
         try:
             while True:
                 async with asyncio.timeout(self._idle_timeout):
@@ -280,11 +304,14 @@ class Forwarder:
         self,
         session: aiohttp.ClientSession,
         upstream: UpstreamSettings,
-        tokens: TokenCache,
+        tokens: TokenKeeper,
         key: TokenKey,
         metrics: Metrics,
+        *,
+        replay_body_limit: int,
     ) -> None:
         self._session = session
+        self._replay_body_limit = replay_body_limit
         self._base = upstream.url
         self._connect_timeout = upstream.connect_timeout
         self._read_timeout = upstream.read_timeout
@@ -294,6 +321,8 @@ class Forwarder:
         self._cache_hits = metrics.token_cache_lookups.labels(key.tenant, "hit")
         self._cache_misses = metrics.token_cache_lookups.labels(key.tenant, "miss")
         self._upstream_errors = metrics.upstream_errors
+        self._unauthorized_replayed = metrics.upstream_unauthorized.labels(key.tenant, "replayed")
+        self._unauthorized_passed = metrics.upstream_unauthorized.labels(key.tenant, "passed")
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         """Forward `request` upstream and stream the answer back."""
@@ -305,15 +334,49 @@ class Forwarder:
             return web.Response(headers={hdrs.ALLOW: _ALLOWED_METHODS})
         if max_forwards is not None:
             headers[hdrs.MAX_FORWARDS] = str(max_forwards - 1)
-        headers[hdrs.AUTHORIZATION] = await self._authorization()
+        token = await self._token()
+        headers[hdrs.AUTHORIZATION] = token.authorization.get_secret_value()
 
         if expects_continue(request):
             await request.writer.write(_CONTINUE)
-        upstream = await self._send(request, url, headers)
+        body = RequestBody(request, self._read_timeout, self._replay_body_limit)
+        await self._read_body(request, body)
+        upstream = await self._send(request, url, headers, body)
+        if upstream.status == 401:
+            upstream = await self._after_unauthorized(request, url, headers, body, token, upstream)
         try:
             return await self._stream_back(request, upstream)
         finally:
             upstream.release()
+
+    async def _after_unauthorized(
+        self,
+        request: web.Request,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: RequestBody,
+        token: Token,
+        first: aiohttp.ClientResponse,
+    ) -> aiohttp.ClientResponse:
+        """A 401 means the token is no good: drop it and, when the body can be sent again,
+        send the request once more with a new token. Otherwise the 401 goes to the client."""
+        self._tokens.drop(self._key, token)
+        if not body.replayable:
+            self._unauthorized_passed.inc()
+            return first
+        try:
+            fresh = self._tokens.cached(self._key) or await self._tokens.fetch(self._key)
+        except TokenUnavailable as exc:
+            logger.warning("No new token to replay a request the upstream refused: %s", exc)
+            fresh = token
+        if fresh is token:
+            self._unauthorized_passed.inc()
+            return first
+
+        first.release()
+        headers[hdrs.AUTHORIZATION] = fresh.authorization.get_secret_value()
+        self._unauthorized_replayed.inc()
+        return await self._send(request, url, headers, body)
 
     def _upstream_url(self, request: web.Request) -> URL:
         # encoded=True: the path and query reach the upstream exactly as the client sent them.
@@ -328,40 +391,44 @@ class Forwarder:
                 "forward them unchanged."
             ) from None
 
-    async def _authorization(self) -> str:
+    async def _token(self) -> Token:
         token = self._tokens.cached(self._key)
         if token is not None:
             self._cache_hits.inc()
-        else:
-            self._cache_misses.inc()
-            token = await self._tokens.fetch(self._key)
-        return token.authorization.get_secret_value()
+            return token
+        self._cache_misses.inc()
+        return await self._tokens.fetch(self._key)
+
+    async def _read_body(self, request: web.Request, body: RequestBody) -> None:
+        try:
+            await body.keep_if_small()
+        except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
+            raise self._client_failure(request, body) from exc
 
     async def _send(
-        self, request: web.Request, url: URL, headers: CIMultiDict[str]
+        self, request: web.Request, url: URL, headers: CIMultiDict[str], body: RequestBody
     ) -> aiohttp.ClientResponse:
-        body = ClientBody(request.content, self._read_timeout) if request.body_exists else None
         try:
             return await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=None if body is None else body.chunks(),
-                allow_redirects=False,
+                request.method, url, headers=headers, data=body.data(), allow_redirects=False
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            if request.transport is None:
-                # The client hung up, maybe mid-upload: not the upstream's failure.
-                raise ClientGone("The client closed the connection before the answer.") from exc
-            if body is not None and body.failure is not None:
-                raise BadRequest(
-                    "The request body stopped arriving, or was malformed: nothing usable "
-                    f"came for {self._read_timeout:g} s (upstream.read_timeout)."
-                    if isinstance(body.failure, TimeoutError)
-                    else "The request body could not be read: "
-                    f"{describe_client_error(body.failure)}."
-                ) from exc
+            if request.transport is None or body.failure is not None:
+                raise self._client_failure(request, body) from exc
             raise self._failure(exc) from exc
+
+    def _client_failure(self, request: web.Request, body: RequestBody) -> ProxyError:
+        """The error for a request whose client hung up or stopped sending its body."""
+        if request.transport is None:
+            # The client hung up, maybe mid-upload: not the upstream's failure.
+            return ClientGone("The client closed the connection before the answer.")
+        if isinstance(body.failure, TimeoutError):
+            return BadRequest(
+                "The request body stopped arriving, or was malformed: nothing usable came "
+                f"for {self._read_timeout:g} s (upstream.read_timeout)."
+            )
+        failure = body.failure or ConnectionError()
+        return BadRequest(f"The request body could not be read: {describe_client_error(failure)}.")
 
     def _failure(self, exc: BaseException) -> UpstreamUnreachable | UpstreamTimeout:
         reason = upstream_error_reason(exc)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from proxy.tokens import TokenKey
+
 PREFIX = "skill_engine_proxy"
 
 # RFC 9110 section 9 plus PATCH (RFC 5789); anything else is counted as "other".
@@ -69,6 +71,36 @@ class Metrics:
             ["tenant", "reason"],
             registry=registry,
         )
+        self.token_refreshes = Counter(
+            f"{PREFIX}_token_refreshes",
+            "Background renewals of a token (refreshes ahead of expiry, and their retries).",
+            ["tenant", "outcome"],
+            registry=registry,
+        )
+        self.token_fetch_retries = Counter(
+            f"{PREFIX}_token_fetch_retries",
+            "Token requests that retried a failed one, by the reason the last one failed.",
+            ["tenant", "reason"],
+            registry=registry,
+        )
+        self.token_stale_uses = Counter(
+            f"{PREFIX}_token_stale_uses",
+            "Requests served, past the refresh margin, with a token whose renewal failed.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.token_endpoint_ratelimit_remaining = Gauge(
+            f"{PREFIX}_token_endpoint_ratelimit_remaining",
+            "Token requests left in the token endpoint's rate-limit window, as it last said.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.upstream_unauthorized = Counter(
+            f"{PREFIX}_upstream_unauthorized",
+            "Upstream 401 answers: replayed with a new token, or passed to the client.",
+            ["tenant", "outcome"],
+            registry=registry,
+        )
         self.requests_in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being proxied now.",
@@ -79,3 +111,20 @@ class Metrics:
         """The metrics in the format `accept` prefers (Prometheus text or OpenMetrics)."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+class TokenMetrics:
+    """The token keeper's events (`tokens.TokenEvents`), counted."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def stale_use(self, key: TokenKey) -> None:
+        self._metrics.token_stale_uses.labels(key.tenant).inc()
+
+    def refreshed(self, key: TokenKey, succeeded: bool) -> None:
+        outcome = "success" if succeeded else "error"
+        self._metrics.token_refreshes.labels(key.tenant, outcome).inc()
+
+    def retried(self, key: TokenKey, reason: str) -> None:
+        self._metrics.token_fetch_retries.labels(key.tenant, reason).inc()

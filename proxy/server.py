@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import stat
-import time
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -51,7 +50,7 @@ class ProxyServer:
         self,
         settings: Settings,
         *,
-        clock: Clock = time.monotonic,
+        clock: Clock | None = None,
         shutdown_grace: float = SHUTDOWN_GRACE,
     ) -> None:
         self.settings = settings
@@ -61,7 +60,7 @@ class ProxyServer:
             server_logger.addFilter(_QUIET_MALFORMED_REQUESTS)
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
-        self._proxy_app = create_proxy_app(settings, self.metrics, clock=clock)
+        self._proxy_app = create_proxy_app(settings, self.metrics, self.lifecycle, clock=clock)
         self._proxy = web.AppRunner(
             self._proxy_app,
             access_log=None,

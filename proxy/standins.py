@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 from aiohttp import web
 
 from proxy.tokens import fingerprint
@@ -56,8 +58,11 @@ class Issued:
 class StandinTokenEndpoint:
     """Answers client-credentials requests like TechWolf's Auth0 tenant does.
 
-    `lifetime` is the `expires_in` it answers (a number, or a string to mimic a server that
-    sends one); `delay` holds every answer back; `answer_next` queues canned failures.
+    Tokens are JWTs, as Auth0's are, whose `exp` is `exp_offset` seconds after the moment
+    `expires_in` gives (0: they agree). `lifetime` is the `expires_in` it answers (a number,
+    or a string to mimic a server that sends one). `delay` holds every answer back; clearing
+    `gate` holds them until it is set again; `answer_next` queues canned failures;
+    `ratelimit_remaining`, when set, is sent as Auth0's x-ratelimit-remaining.
     """
 
     def __init__(
@@ -67,24 +72,38 @@ class StandinTokenEndpoint:
         client_secret: str = "standin-secret",  # noqa: S107 - the stand-in's own secret
         audience: str = "standin.techwolf.ai",
         lifetime: float | str = 3600,
+        exp_offset: float = 0.0,
         delay: float = 0.0,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
         self.audience = audience
         self.lifetime = lifetime
+        self.exp_offset = exp_offset
         self.delay = delay
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.ratelimit_remaining: int | None = None
         self.requests: deque[TokenRequest] = deque(maxlen=_REMEMBERED)
         self.issued: dict[str, Issued] = {}
         self._queued: deque[Answer] = deque()
+        self._signing_key = secrets.token_bytes(32)
 
     def answer_next(self, answer: Answer, times: int = 1) -> None:
         """Give `answer` to the next `times` token requests."""
         self._queued.extend([answer] * times)
 
+    def recover(self) -> None:
+        """Drop the canned answers still queued: grant tokens again."""
+        self._queued.clear()
+
     def is_valid(self, token: str) -> bool:
         issued = self.issued.get(token)
         return issued is not None and time.monotonic() < issued.expires_at
+
+    def revoke_all(self) -> None:
+        """Forget every token issued so far: the stand-in Skill Engine answers 401 to them."""
+        self.issued.clear()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -96,9 +115,11 @@ class StandinTokenEndpoint:
         self.requests.append(TokenRequest(dict(request.headers), body))
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self._queued:
-            return _answer(self._queued.popleft())
-        return self._grant(request, body)
+        await self.gate.wait()
+        response = _answer(self._queued.popleft()) if self._queued else self._grant(request, body)
+        if self.ratelimit_remaining is not None:
+            response.headers["x-ratelimit-remaining"] = str(self.ratelimit_remaining)
+        return response
 
     def _grant(self, request: web.Request, body: bytes) -> web.Response:
         if request.content_type != "application/json":
@@ -121,8 +142,17 @@ class StandinTokenEndpoint:
 
         requested = payload.get("scopes")
         scopes = tuple(requested) if isinstance(requested, list) else ALL_SCOPES
-        token = secrets.token_urlsafe(32)
-        self.issued[token] = Issued(scopes, time.monotonic() + float(self.lifetime))
+        lifetime = float(self.lifetime)
+        claims = {
+            "iss": "https://stand-in.auth0.example/",
+            "sub": f"{self.client_id}@clients",
+            "aud": self.audience,
+            "iat": int(time.time()),
+            "exp": math.ceil(time.time() + lifetime + self.exp_offset),
+            "jti": secrets.token_hex(8),
+        }
+        token = jwt.encode(claims, self._signing_key, algorithm="HS256")
+        self.issued[token] = Issued(scopes, time.monotonic() + lifetime + min(self.exp_offset, 0))
         return web.json_response(
             {
                 "access_token": token,

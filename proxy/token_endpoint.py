@@ -23,7 +23,7 @@ from proxy.errors import (
     describe_client_error,
 )
 from proxy.metrics import Metrics
-from proxy.tokens import Clock, Token, TokenKey, parse_token_response
+from proxy.tokens import Clock, SystemClock, Token, TokenKey, parse_token_response
 
 # A token answer is a few kilobytes; more than this is not a token endpoint talking.
 MAX_ANSWER_BYTES = 64 * 1024
@@ -82,12 +82,12 @@ class TokenEndpoint:
         auth: AuthSettings,
         metrics: Metrics,
         *,
-        clock: Clock = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
         self._session = session
         self._auth = auth
         self._metrics = metrics
-        self._clock = clock
+        self._clock = clock or SystemClock()
         self._url = auth.resolved_token_url
 
     async def fetch(self, key: TokenKey) -> Token:
@@ -109,7 +109,7 @@ class TokenEndpoint:
     async def _request(self, key: TokenKey) -> Token:
         body = json.dumps(token_request_body(self._auth)).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        obtained_at = self._clock()
+        obtained_at = self._clock.now()
         wall_time = time.time()
         try:
             async with self._session.post(
@@ -118,13 +118,16 @@ class TokenEndpoint:
                 answer = await _read_limited(response)
                 status = response.status
                 retry_after = _retry_after(response.headers)
+                self._note_rate_limit(response.headers)
         except TimeoutError as exc:
             waited = (
                 f"could not be connected to within {CONNECT_TIMEOUT:.0f} s"
                 if isinstance(exc, aiohttp.ConnectionTimeoutError)
                 else f"did not answer within {TOTAL_TIMEOUT:.0f} s"
             )
-            raise TokenEndpointUnreachable(f"The token endpoint {self._url} {waited}.") from exc
+            raise TokenEndpointUnreachable(
+                f"The token endpoint {self._url} {waited}.", reason="timeout"
+            ) from exc
         except aiohttp.ClientError as exc:
             raise TokenEndpointUnreachable(
                 f"Could not reach the token endpoint {self._url}: {describe_client_error(exc)}."
@@ -138,6 +141,12 @@ class TokenEndpoint:
                 endpoint=self._url,
             )
         raise self._failure(status, answer, retry_after)
+
+    def _note_rate_limit(self, headers: Any) -> None:
+        remaining = _number(headers.get("x-ratelimit-remaining"))
+        if remaining is not None:
+            gauge = self._metrics.token_endpoint_ratelimit_remaining
+            gauge.labels(self._auth.tenant).set(remaining)
 
     def _failure(self, status: int, answer: bytes, retry_after: float | None) -> TokenUnavailable:
         error, description = _oauth_error(_json_or_none(answer))
@@ -153,11 +162,13 @@ class TokenEndpoint:
                 f"The token endpoint {self._url} is rate-limiting token requests "
                 f"(HTTP 429{quoted}).",
                 retry_after=retry_after,
+                reason="rate_limited",
             )
         if status >= 500:
             return TokenEndpointUnreachable(
                 f"The token endpoint {self._url} failed with HTTP {status}{quoted}.",
                 retry_after=retry_after,
+                reason="server_error",
             )
         return BadTokenResponse(
             f"The token endpoint {self._url} answered HTTP {status}{quoted} instead of a token."

@@ -1,34 +1,98 @@
-"""Token policy: what a usable token is, how long it is kept, and who fetches a missing one.
+"""Token policy: what a usable token is, when it is renewed, and what happens when renewing fails.
 
-Nothing here does I/O. `TokenCache` is given a `fetch` coroutine function (the token
-endpoint client in production, a fake in policy tests) and a monotonic clock.
+Nothing here does I/O. `TokenKeeper` is given a `fetch` coroutine function (the token
+endpoint client in production, a fake in policy tests) and a `Clock`, so every rule below
+can be tested without sockets and without waiting.
+
+For each key (token URL, client, audience, tenant, scope set) the keeper holds one token and
+one background worker:
+
+- A request takes the current token without waiting while it is usable: until
+  `expires_at - refresh_margin`, and after that until `expires_at` only if no newer token can
+  be had right now (a renewal is under way or failing).
+- The worker renews the token at `refresh_at` of its lifetime (with a little jitter), unless
+  nobody used the key for `idle_after` seconds: then it waits until somebody does.
+- A failed fetch is retried with capped exponential backoff and full jitter, not sooner
+  than the token endpoint's own Retry-After; until then a caller without a usable token is
+  told at once when the next try is due. Rejected credentials are not retried for a
+  cool-down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import logging
 import math
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from cachetools import TLRUCache
+import jwt
 from pydantic import SecretStr
 
-from proxy.errors import BadTokenResponse, TokenUnavailable
+from proxy.errors import BadTokenResponse, CredentialsRejected, TokenUnavailable
 
 logger = logging.getLogger("skill_engine_proxy")
 
-Clock = Callable[[], float]
-
 # RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-# Each (token URL, client, audience, tenant, scope set) is one entry; the config bounds them.
-_MAX_KEYS = 1024
+# expires_in and a JWT's exp this far apart mean one of the two clocks is off.
+_CLOCK_SKEW_WARNING = 60.0
+
+# Retries of a failed fetch: full jitter over base * 2**n, never more than the cap.
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 60.0
+# After rejected credentials, one new try per cool-down, whatever the callers do.
+REJECTED_COOL_DOWN = 60.0
+# A 401 from the upstream drops a token only if it is at least this old: a token fetched
+# moments ago that the upstream refuses says more about the upstream or the audience than
+# about the token, and fetching again would only spend quota.
+MIN_AGE_TO_DROP_ON_401 = 60.0
+# How much earlier than `refresh_at` a refresh may fall, so that proxies started together
+# do not all renew in the same second.
+_REFRESH_JITTER = 0.05
+
+
+class Clock(Protocol):
+    """Monotonic time, and a way to wait for a moment of it."""
+
+    def now(self) -> float: ...
+
+    async def sleep_until(self, moment: float) -> None: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep_until(self, moment: float) -> None:
+        await asyncio.sleep(max(0.0, moment - time.monotonic()))
+
+
+class TokenEvents(Protocol):
+    """What the keeper reports, for metrics."""
+
+    def stale_use(self, key: TokenKey) -> None: ...
+
+    def refreshed(self, key: TokenKey, succeeded: bool) -> None: ...
+
+    def retried(self, key: TokenKey, reason: str) -> None: ...
+
+
+class NoEvents:
+    def stale_use(self, key: TokenKey) -> None:
+        pass
+
+    def refreshed(self, key: TokenKey, succeeded: bool) -> None:
+        pass
+
+    def retried(self, key: TokenKey, reason: str) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +121,13 @@ class Token:
     lifetime: float
     obtained_at: float
     """Monotonic time the token request was sent: the lifetime counts from no earlier."""
+    expires_at: float
+    """Monotonic real expiry: the earlier of `expires_in` and a JWT's `exp`."""
     expires_at_wall: float
-    """Wall-clock expiry, for the expiry gauge."""
+    """Wall-clock real expiry, for the expiry gauge."""
+    exp_skew: float | None = None
+    """A JWT's `exp` minus the expiry `expires_in` gives, in seconds; None if not a JWT."""
     granted_scope: str = ""
-
-    @property
-    def expires_at(self) -> float:
-        return self.obtained_at + self.lifetime
 
 
 def fingerprint(token: str) -> str:
@@ -103,13 +167,19 @@ def parse_token_response(
             f"The token endpoint {endpoint} answered 200 without a positive expires_in."
         )
 
+    exp = _jwt_expiry(access_token)
+    exp_skew = None if exp is None else exp - (wall_time + lifetime)
+    # The token is good for the shorter of the two: expires_in, or the JWT's own exp.
+    real_lifetime = lifetime if exp is None else min(lifetime, exp - wall_time)
     scope = payload.get("scope")
     return Token(
         authorization=SecretStr(f"Bearer {access_token}"),
         fingerprint=fingerprint(access_token),
         lifetime=lifetime,
         obtained_at=obtained_at,
-        expires_at_wall=wall_time + lifetime,
+        expires_at=obtained_at + real_lifetime,
+        expires_at_wall=wall_time + real_lifetime,
+        exp_skew=exp_skew,
         granted_scope=scope if isinstance(scope, str) else "",
     )
 
@@ -127,12 +197,61 @@ def _seconds(value: Any) -> float | None:
     return seconds
 
 
-class TokenCache:
-    """One token per `TokenKey`, kept until `lifetime - refresh_margin` after it was requested.
+def _jwt_expiry(access_token: str) -> float | None:
+    """The `exp` claim when the token is a JWT, read without checking its signature: the
+    proxy is not the token's audience, it only needs to know when the token stops working."""
+    try:
+        claims = jwt.decode(access_token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    exp = claims.get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        return None
+    return float(exp)
 
-    `cached` is the hot path: a dictionary lookup, no lock and no await. `fetch` runs a
-    single flight per key: however many callers find no token, one token request goes out
-    and all of them get its token or its error. An error is not kept.
+
+class KeyPhase(enum.Enum):
+    """Where the renewal of one key's token stands."""
+
+    EMPTY = "empty"
+    """Nothing fetched yet, or the token was dropped after an upstream 401."""
+    VALID = "valid"
+    """The last fetch succeeded."""
+    FAILING = "failing"
+    """The last fetch failed for a reason that may pass; a retry is due at `retry_at`."""
+    REJECTED = "rejected"
+    """The token endpoint refused the credentials; no new try before `retry_at`."""
+
+
+@dataclass(eq=False)
+class _KeyState:
+    key: TokenKey
+    phase: KeyPhase = KeyPhase.EMPTY
+    token: Token | None = None
+    usable_until: float = -math.inf
+    """Past this, `token` is attached only if no newer one can be had."""
+    refresh_at: float = math.inf
+    retry_at: float = -math.inf
+    failure: TokenUnavailable | None = None
+    failures: int = 0
+    last_used: float = -math.inf
+    parked: bool = False
+    """The worker found the key idle and waits for a request before renewing."""
+    skew_warned: bool = False
+    in_flight: asyncio.Task[Token] | None = None
+    worker: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def is_failing(self) -> bool:
+        return self.phase is KeyPhase.FAILING or self.phase is KeyPhase.REJECTED
+
+
+class TokenKeeper:
+    """One token per `TokenKey`, renewed ahead of time and kept through token endpoint outages.
+
+    `cached` is the hot path: a dictionary lookup and a few comparisons, no lock, no await,
+    no allocation. `fetch` is for callers that found no usable token: it joins the fetch under
+    way, or starts one, or fails at once while a retry is not yet due.
     """
 
     def __init__(
@@ -140,60 +259,168 @@ class TokenCache:
         fetch: Callable[[TokenKey], Awaitable[Token]],
         *,
         refresh_margin: float,
-        clock: Clock = time.monotonic,
+        refresh_at: float = 0.8,
+        idle_after: float = 3600.0,
+        clock: Clock | None = None,
+        events: TokenEvents | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._fetch = fetch
         self._refresh_margin = refresh_margin
-        self._clock = clock
-        self._tokens: TLRUCache[TokenKey, Token] = TLRUCache(
-            maxsize=_MAX_KEYS, ttu=self._usable_until, timer=clock
-        )
-        self._in_flight: dict[TokenKey, asyncio.Task[Token]] = {}
+        self._refresh_at = refresh_at
+        self._idle_after = idle_after
+        self._clock = clock or SystemClock()
+        self._events = events or NoEvents()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._states: dict[TokenKey, _KeyState] = {}
 
     def cached(self, key: TokenKey) -> Token | None:
-        """The token for `key` if one is still usable now, else None."""
-        return self._tokens.get(key)
-
-    async def get(self, key: TokenKey) -> Token:
-        """A usable token for `key`, fetching one if none is cached."""
-        token = self._tokens.get(key)
-        if token is not None:
+        """The token to attach for `key` now, or None when the caller must `fetch`."""
+        state = self._states.get(key)
+        if state is None or (token := state.token) is None:
+            return None
+        now = self._clock.now()
+        state.last_used = now
+        if state.parked:
+            self._unpark(state)  # renewal was due while nobody asked: now somebody does
+        if now < state.usable_until:
             return token
-        return await self.fetch(key)
+        if now < token.expires_at:
+            if state.is_failing():
+                self._events.stale_use(key)
+                return token
+            if state.in_flight is not None:
+                return token  # renewal under way: no request waits for it
+        return None
 
     async def fetch(self, key: TokenKey) -> Token:
-        """Join the fetch under way for `key`, or start one."""
-        task = self._in_flight.get(key)
-        if task is None:
-            task = asyncio.ensure_future(self._fetch_and_keep(key))
-            self._in_flight[key] = task
-            task.add_done_callback(lambda done: self._forget(key, done))
+        """A usable token for `key`, fetched if need be; `TokenUnavailable` says why not
+        and, in `retry_after`, when the keeper tries again."""
+        state = self._state(key)
+        now = self._clock.now()
+        state.last_used = now
+        if state.parked:
+            self._unpark(state)
+        token = self.cached(key)
+        if token is not None:
+            return token
+        if state.in_flight is None:
+            if state.failure is not None and now < state.retry_at:
+                raise _again(state.failure, state.retry_at - now)
+            self._start_attempt(state)
+        assert state.in_flight is not None
         # A caller that gives up (its client went away) must not cancel the others' fetch.
-        return await asyncio.shield(task)
+        return await asyncio.shield(state.in_flight)
+
+    def prefetch(self, key: TokenKey) -> None:
+        """Start fetching the token for `key` now, without waiting for it."""
+        state = self._state(key)
+        state.last_used = self._clock.now()
+        if state.in_flight is None and state.token is None:
+            self._start_attempt(state)
+
+    def has_usable(self, key: TokenKey) -> bool:
+        """Whether a request for `key` would get a token now (for readiness)."""
+        state = self._states.get(key)
+        if state is None or (token := state.token) is None:
+            return False
+        now = self._clock.now()
+        return now < state.usable_until or (
+            now < token.expires_at and (state.is_failing() or state.in_flight is not None)
+        )
+
+    def failure(self, key: TokenKey) -> TokenUnavailable | None:
+        """Why the last fetch for `key` failed, while it is still failing."""
+        state = self._states.get(key)
+        return None if state is None else state.failure
+
+    def drop(self, key: TokenKey, token: Token) -> bool:
+        """Forget `token` after the upstream refused it, if it is still the current token
+        and old enough to blame; the next request fetches a new one."""
+        state = self._states.get(key)
+        if state is None or state.token is not token:
+            return False
+        if self._clock.now() - token.obtained_at < MIN_AGE_TO_DROP_ON_401:
+            return False
+        logger.warning(
+            "The upstream refused the token for tenant %s (fingerprint %s); fetching a new one.",
+            key.tenant,
+            token.fingerprint,
+        )
+        state.token = None
+        state.usable_until = -math.inf
+        state.refresh_at = math.inf
+        state.phase = KeyPhase.EMPTY
+        return True
 
     async def close(self) -> None:
-        """Cancel fetches still under way; used when the proxy stops."""
-        tasks = list(self._in_flight.values())
+        """Stop every worker and fetch; used when the proxy stops."""
+        tasks = [
+            task
+            for state in self._states.values()
+            for task in (state.worker, state.in_flight)
+            if task is not None
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _fetch_and_keep(self, key: TokenKey) -> Token:
+    def _state(self, key: TokenKey) -> _KeyState:
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = _KeyState(key)
+            state.worker = asyncio.create_task(self._work(state), name=f"tokens:{key.tenant}")
+        return state
+
+    def _unpark(self, state: _KeyState) -> None:
+        state.parked = False
+        state.wake.set()
+
+    def _start_attempt(self, state: _KeyState) -> asyncio.Task[Token]:
+        task = asyncio.create_task(self._attempt(state))
+        state.in_flight = task
+
+        def finished(done: asyncio.Task[Token]) -> None:
+            if state.in_flight is done:
+                state.in_flight = None
+            state.wake.set()  # the worker plans its next step from the new state
+            if not done.cancelled():
+                done.exception()  # every waiter has had it; asyncio need not log it
+
+        task.add_done_callback(finished)
+        return task
+
+    async def _attempt(self, state: _KeyState) -> Token:
+        if state.failure is not None:
+            self._events.retried(state.key, state.failure.reason)
         try:
-            token = await self._fetch(key)
-            if self._usable_until(key, token, 0.0) <= self._clock():
+            token = await self._fetch(state.key)
+            if self._usable_until(token) <= self._clock.now():
                 raise BadTokenResponse(
                     "The token endpoint took longer to answer than its token may be used "
                     f"({token.lifetime:.0f} s minus the refresh margin)."
                 )
         except TokenUnavailable as exc:
-            logger.error("No token for tenant %s: %s", key.tenant, exc)
-            raise
+            raise self._failed(state, exc) from None
+        self._succeeded(state, token)
+        return token
+
+    def _succeeded(self, state: _KeyState, token: Token) -> None:
+        key = state.key
+        recovered = state.failure is not None
+        state.phase = KeyPhase.VALID
+        state.token = token
+        state.usable_until = self._usable_until(token)
+        state.refresh_at = self._refresh_time(token, state.usable_until)
+        state.failure = None
+        state.failures = 0
+        state.retry_at = -math.inf
         logger.info(
-            "Token fetched for tenant %s (scopes: %s), valid for %.0f s, fingerprint %s",
+            "Token %s for tenant %s (scopes: %s), valid for %.0f s, fingerprint %s",
+            "fetched again after failures" if recovered else "fetched",
             key.tenant,
             key.scopes_label or "all",
-            token.lifetime,
+            token.expires_at - token.obtained_at,
             token.fingerprint,
         )
         if token.lifetime <= self._refresh_margin:
@@ -204,20 +431,125 @@ class TokenCache:
                 token.lifetime,
                 self._refresh_margin,
             )
-        self._tokens[key] = token
-        return token
+        skew = token.exp_skew
+        if skew is not None and abs(skew) > _CLOCK_SKEW_WARNING and not state.skew_warned:
+            state.skew_warned = True
+            logger.warning(
+                "The token for tenant %s expires %.0f s %s by its exp claim than by "
+                "expires_in: this machine's clock or the token endpoint's is off. The "
+                "earlier of the two is used.",
+                key.tenant,
+                abs(skew),
+                "earlier" if skew < 0 else "later",
+            )
 
-    def _usable_until(self, _key: object, token: Token, _now: float) -> float:
+    def _failed(self, state: _KeyState, exc: TokenUnavailable) -> TokenUnavailable:
+        """Record a failed fetch; the error to raise, with the next try in Retry-After."""
+        key = state.key
+        now = self._clock.now()
+        first = state.failures == 0
+        state.failures += 1
+        state.failure = exc
+        if isinstance(exc, CredentialsRejected):
+            entered = state.phase is not KeyPhase.REJECTED
+            state.phase = KeyPhase.REJECTED
+            state.retry_at = now + REJECTED_COOL_DOWN
+            if entered:
+                logger.error(
+                    "%s No new token request for tenant %s for %.0f s.",
+                    exc,
+                    key.tenant,
+                    REJECTED_COOL_DOWN,
+                )
+        else:
+            state.phase = KeyPhase.FAILING
+            state.retry_at = now + self._backoff(state.failures, exc.retry_after)
+            if first:
+                self._log_failure_streak(state, exc, now)
+        return _again(exc, state.retry_at - now)
+
+    def _log_failure_streak(self, state: _KeyState, exc: TokenUnavailable, now: float) -> None:
+        token = state.token
+        if token is not None and now < token.expires_at:
+            logger.warning(
+                "Renewing the token for tenant %s failed: %s The current token stays in use "
+                "for up to %.0f s more; retrying in %.1f s.",
+                state.key.tenant,
+                exc,
+                token.expires_at - now,
+                state.retry_at - now,
+            )
+        else:
+            logger.error(
+                "No token for tenant %s: %s Retrying in %.1f s.",
+                state.key.tenant,
+                exc,
+                state.retry_at - now,
+            )
+
+    def _backoff(self, failures: int, retry_after: float | None) -> float:
+        ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1))
+        delay = self._rng.uniform(0, ceiling)
+        return max(delay, retry_after or 0.0)
+
+    def _usable_until(self, token: Token) -> float:
+        lifetime = token.expires_at - token.obtained_at
         margin = self._refresh_margin
-        if token.lifetime <= margin:
+        if lifetime <= margin:
             # A margin as long as the lifetime would make every token useless on arrival
             # and spend one token request per proxied request.
-            margin = token.lifetime / 2
-        return token.obtained_at + token.lifetime - margin
+            margin = lifetime / 2
+        return token.expires_at - margin
 
-    def _forget(self, key: TokenKey, task: asyncio.Task[Token]) -> None:
-        if self._in_flight.get(key) is task:
-            del self._in_flight[key]
-        if not task.cancelled():
-            # Every waiter has had the error; mark it retrieved so asyncio does not log it.
-            task.exception()
+    def _refresh_time(self, token: Token, usable_until: float) -> float:
+        lifetime = token.expires_at - token.obtained_at
+        fraction = self._refresh_at * self._rng.uniform(1 - _REFRESH_JITTER, 1)
+        return min(token.obtained_at + lifetime * fraction, usable_until)
+
+    async def _work(self, state: _KeyState) -> None:
+        """Renew the token of one key ahead of time, and retry failed fetches."""
+        while True:
+            # While a fetch runs, only its end (which wakes the worker) can change the plan.
+            await self._sleep(state, None if state.in_flight is not None else self._due(state))
+            if state.in_flight is not None:
+                continue
+            now = self._clock.now()
+            due = self._due(state)
+            if due is None or now < due:
+                continue
+            if now - state.last_used >= self._idle_after:
+                # Nobody asked for this key lately: spend no quota on it until someone does.
+                state.parked = True
+                continue
+            try:
+                await asyncio.shield(self._start_attempt(state))
+            except TokenUnavailable:
+                self._events.refreshed(state.key, succeeded=False)
+            else:
+                self._events.refreshed(state.key, succeeded=True)
+
+    def _due(self, state: _KeyState) -> float | None:
+        if state.parked:
+            return None
+        if state.phase is KeyPhase.VALID:
+            return state.refresh_at
+        if state.is_failing():
+            return state.retry_at
+        return None
+
+    async def _sleep(self, state: _KeyState, until: float | None) -> None:
+        """Wait until `until` (forever if None) or until something wakes the worker."""
+        state.wake.clear()
+        waiting: list[asyncio.Future[Any]] = [asyncio.ensure_future(state.wake.wait())]
+        if until is not None:
+            waiting.append(asyncio.ensure_future(self._clock.sleep_until(until)))
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waiting:
+                task.cancel()
+
+
+def _again(exc: TokenUnavailable, retry_after: float) -> TokenUnavailable:
+    """`exc` again, for another caller, with the time until the next try."""
+    return type(exc)(str(exc), retry_after=retry_after, reason=exc.reason)

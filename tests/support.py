@@ -46,17 +46,35 @@ def make_settings(standin_token_url: str, upstream_url: str, **auth: Any) -> Set
     return Settings.model_validate(settings_document(standin_token_url, upstream_url, **auth))
 
 
-@dataclass
 class FakeClock:
-    """A monotonic clock the test moves by hand."""
+    """A monotonic clock the test moves by hand; sleepers wake when it passes their moment."""
 
-    now: float = 1000.0
+    def __init__(self, start: float = 1000.0) -> None:
+        self._now = start
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+        self.sleeps = 0
 
-    def __call__(self) -> float:
-        return self.now
+    def now(self) -> float:
+        return self._now
+
+    async def sleep_until(self, moment: float) -> None:
+        self.sleeps += 1
+        if moment <= self._now:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._sleepers.append((moment, future))
+        await future
 
     def advance(self, seconds: float) -> None:
-        self.now += seconds
+        self._now += seconds
+        waiting = []
+        for moment, future in self._sleepers:
+            if moment <= self._now:
+                if not future.done():
+                    future.set_result(None)
+            elif not future.done():
+                waiting.append((moment, future))
+        self._sleepers = waiting
 
 
 @dataclass

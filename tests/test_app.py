@@ -47,9 +47,9 @@ async def test_counters_match_what_happened(
     client: aiohttp.ClientSession,
     unused_tcp_port: int,
 ) -> None:
-    proxy = await start_proxy(standins.settings(scopes=["write", "read"]))
+    proxy = await start_proxy(standins.settings(scopes=["write", "read"], prefetch=False))
     dead = await start_proxy(
-        standins.settings(upstream={"url": f"http://127.0.0.1:{unused_tcp_port}"})
+        standins.settings(upstream={"url": f"http://127.0.0.1:{unused_tcp_port}"}, prefetch=False)
     )
 
     for _ in range(3):
@@ -79,16 +79,19 @@ async def test_counters_match_what_happened(
     assert tenant_sample(dead_text, "requests_total", method="GET", status="502") == 1
 
 
-async def test_failed_token_fetches_are_counted(
-    standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+async def test_a_failed_token_fetch_is_counted_once_and_its_waiters_are_told_when(
+    standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
+    proxy = await start_proxy(standins.settings(prefetch=False))
     standins.tokens.answer_next(Answer(500), times=2)
     for _ in range(2):
         async with client.get(f"{proxy.proxy_url}/version") as response:
             assert response.status == 503
+            assert int(response.headers["Retry-After"]) >= 0
     text = await scrape(client, proxy)
-    assert tenant_sample(text, "token_fetches_total", outcome="error") == 2
+    assert tenant_sample(text, "token_fetches_total", outcome="error") == 1
     assert tenant_sample(text, "requests_total", method="GET", status="503") == 2
+    assert len(standins.tokens.requests) == 1
 
 
 async def test_a_thousand_paths_add_no_series(

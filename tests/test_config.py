@@ -47,6 +47,10 @@ def test_minimal_config_gets_the_contract_defaults(tmp_path: Path) -> None:
     assert settings.upstream.connect_timeout == 10
     assert settings.upstream.read_timeout == 60
     assert settings.auth.refresh_margin == 60
+    assert settings.auth.refresh_at == 0.8
+    assert settings.auth.idle_after == 3600
+    assert settings.auth.prefetch is True
+    assert settings.replay_body_limit == 65536
     assert settings.auth.scopes is None
     assert settings.auth.resolved_token_url == "https://techwolf.eu.auth0.com/oauth/token"
     assert settings.auth.secret.get_secret_value() == SECRET
@@ -125,6 +129,19 @@ def test_secret_file_is_read_without_its_trailing_newline(tmp_path: Path) -> Non
             ("tenant: company_xyz", "tenant: company_xyz\n  scopes: ['bad scope']"),
             "auth.scopes: 'bad scope' is not a valid scope name",
         ),
+        (
+            ("tenant: company_xyz", "tenant: company_xyz\n  refresh_at: 1.5"),
+            "auth.refresh_at: input should be less than or equal to 1",
+        ),
+        (
+            ("tenant: company_xyz", "tenant: company_xyz\n  idle_after: 0"),
+            "auth.idle_after: input should be greater than 0",
+        ),
+        (
+            ("tenant: company_xyz", "tenant: company_xyz\n  prefetch: maybe"),
+            "auth.prefetch: input should be a valid boolean",
+        ),
+        (("upstream:", "replay_body_limit: -1\nupstream:"), "replay_body_limit: input should be"),
         (
             (
                 "url: https://skill-engine.example",

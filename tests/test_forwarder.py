@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import FakeClock, HeldRoute, raw_exchange, sample
+from tests.support import HeldRoute, raw_exchange, sample
 
 ERROR_HEADER = "X-Skill-Engine-Proxy-Error"
 
@@ -498,40 +498,6 @@ async def test_one_token_fetch_for_100_concurrent_cold_requests(
     assert len(standins.tokens.requests) == 1
 
 
-async def test_the_token_is_reused_until_expiry_minus_margin_and_renewed_after(
-    standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
-) -> None:
-    clock = FakeClock()
-    proxy = await start_proxy(standins.settings(refresh_margin=60), clock=clock)
-
-    async def fingerprint() -> str:
-        async with client.get(f"{proxy.proxy_url}/echo") as response:
-            assert response.status == 200
-            return str((await response.json())["token_fingerprint"])
-
-    first = await fingerprint()
-    clock.advance(3600 - 60 - 0.001)
-    assert await fingerprint() == first
-    assert len(standins.tokens.requests) == 1
-
-    clock.advance(0.001)
-    second = await fingerprint()
-    assert second != first
-    assert len(standins.tokens.requests) == 2
-
-
-async def test_a_failed_fetch_is_not_cached(
-    standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
-) -> None:
-    standins.tokens.answer_next(Answer(500, {"error": "server_error"}))
-    async with client.get(f"{proxy.proxy_url}/version") as response:
-        assert response.status == 503
-        assert response.headers[ERROR_HEADER] == "token_unavailable"
-    async with client.get(f"{proxy.proxy_url}/version") as response:
-        assert response.status == 200
-    assert len(standins.tokens.requests) == 2
-
-
 async def test_rejected_credentials_give_503_with_the_reason_and_not_the_secret(
     standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
@@ -548,8 +514,9 @@ async def test_rejected_credentials_give_503_with_the_reason_and_not_the_secret(
 
 
 async def test_a_rate_limited_token_endpoint_sets_retry_after(
-    standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+    standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
+    proxy = await start_proxy(standins.settings(prefetch=False))
     standins.tokens.answer_next(Answer(429, {"error": "too_many_requests"}, {"Retry-After": "12"}))
     async with client.get(f"{proxy.proxy_url}/version") as response:
         assert response.status == 503

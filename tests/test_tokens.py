@@ -1,24 +1,50 @@
-"""Token policy without sockets: what a usable token is, how long it lives, single flight."""
+"""Token policy without sockets: usable tokens, renewal ahead of time, failures, single flight."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import jwt
 import pytest
 
-from proxy.errors import BadTokenResponse, TokenEndpointUnreachable
-from proxy.tokens import Token, TokenCache, TokenKey, parse_token_response
+from proxy.errors import (
+    BadTokenResponse,
+    CredentialsRejected,
+    TokenEndpointUnreachable,
+    TokenUnavailable,
+)
+from proxy.tokens import (
+    BACKOFF_BASE,
+    MIN_AGE_TO_DROP_ON_401,
+    REJECTED_COOL_DOWN,
+    Token,
+    TokenKeeper,
+    TokenKey,
+    parse_token_response,
+)
 from tests.support import FakeClock
 
 KEY = TokenKey("https://token.example/oauth/token", "client", "aud", "tenant", ("read",))
+WALL = 1_800_000_000.0
 
 
-def parse(payload: object) -> Token:
-    return parse_token_response(payload, obtained_at=0.0, wall_time=0.0, endpoint="E")
+def parse(payload: object, *, obtained_at: float = 0.0) -> Token:
+    return parse_token_response(payload, obtained_at=obtained_at, wall_time=WALL, endpoint="E")
 
 
-class CountingFetch:
-    """A fetch that counts its calls and can be held or made to fail."""
+class UpperJitter:
+    """Jitter that always takes the top of its range: backoff delays are their ceilings,
+    refreshes fall exactly at `refresh_at`."""
+
+    def uniform(self, _low: float, high: float) -> float:
+        return high
+
+
+class Fetch:
+    """A fetch that counts its calls, can be held, and fails as told."""
 
     def __init__(self, clock: FakeClock, lifetime: float = 3600) -> None:
         self.clock = clock
@@ -26,32 +52,90 @@ class CountingFetch:
         self.calls = 0
         self.release = asyncio.Event()
         self.release.set()
-        self.failures: list[Exception] = []
+        self.failures: list[TokenUnavailable] = []
 
     async def __call__(self, key: TokenKey) -> Token:
         self.calls += 1
+        obtained_at = self.clock.now()
         await self.release.wait()
         if self.failures:
             raise self.failures.pop(0)
-        return parse_token_response(
+        return parse(
             {"access_token": f"token-{self.calls}", "expires_in": self.lifetime},
-            obtained_at=self.clock(),
-            wall_time=0.0,
-            endpoint="E",
+            obtained_at=obtained_at,
         )
 
 
-def test_a_jwt_shaped_token_is_a_valid_bearer_token() -> None:
-    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLV8rLw=="
-    assert parse({"access_token": jwt, "expires_in": 60}).authorization.get_secret_value() == (
-        f"Bearer {jwt}"
-    )
+class Events:
+    def __init__(self) -> None:
+        self.stale = 0
+        self.refreshes: list[bool] = []
+        self.retries: list[str] = []
+
+    def stale_use(self, key: TokenKey) -> None:
+        self.stale += 1
+
+    def refreshed(self, key: TokenKey, succeeded: bool) -> None:
+        self.refreshes.append(succeeded)
+
+    def retried(self, key: TokenKey, reason: str) -> None:
+        self.retries.append(reason)
+
+
+MakeKeeper = Callable[..., TokenKeeper]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fetch(clock: FakeClock) -> Fetch:
+    return Fetch(clock)
+
+
+@pytest.fixture
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture
+async def make_keeper(clock: FakeClock, fetch: Fetch, events: Events) -> AsyncIterator[MakeKeeper]:
+    keepers: list[TokenKeeper] = []
+
+    def make(**options: Any) -> TokenKeeper:
+        settings: dict[str, Any] = {"refresh_margin": 60, "refresh_at": 0.8, "idle_after": 3600}
+        keeper = TokenKeeper(
+            fetch, clock=clock, events=events, rng=UpperJitter(), **{**settings, **options}
+        )
+        keepers.append(keeper)
+        return keeper
+
+    yield make
+    for keeper in keepers:
+        await keeper.close()
+
+
+async def settle() -> None:
+    """Let the keeper's tasks run until they wait on the clock or on the fetch."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def advance(clock: FakeClock, seconds: float) -> None:
+    clock.advance(seconds)
+    await settle()
+
+
+# What a usable token is.
 
 
 @pytest.mark.parametrize("expires_in", [3600, "3600", 3600.0, " 86400 "])
 def test_expires_in_may_be_a_number_or_a_numeric_string(expires_in: object) -> None:
     token = parse({"access_token": "abc", "expires_in": expires_in, "token_type": "Bearer"})
     assert token.lifetime == float(str(expires_in).strip())
+    assert token.expires_at == token.lifetime
     assert token.authorization.get_secret_value() == "Bearer abc"
 
 
@@ -83,49 +167,109 @@ def test_an_answer_without_a_usable_token_is_an_error(payload: object) -> None:
         parse(payload)
 
 
+def jwt_token(exp: float) -> str:
+    return jwt.encode({"sub": "client", "exp": exp}, "k" * 32, algorithm="HS256")
+
+
+def test_a_jwt_is_a_valid_bearer_token() -> None:
+    token_text = jwt_token(WALL + 3600)
+    token = parse({"access_token": token_text, "expires_in": 3600})
+    assert token.authorization.get_secret_value() == f"Bearer {token_text}"
+    assert token.expires_at == 3600
+
+
+def test_a_jwt_exp_earlier_than_expires_in_wins() -> None:
+    token = parse({"access_token": jwt_token(WALL + 100), "expires_in": 3600}, obtained_at=50)
+    assert token.expires_at == 150
+    assert token.expires_at_wall == WALL + 100
+    assert token.exp_skew == 100 - 3600
+
+
+def test_expires_in_earlier_than_a_jwt_exp_wins() -> None:
+    token = parse({"access_token": jwt_token(WALL + 7200), "expires_in": 3600})
+    assert token.expires_at == 3600
+
+
 def test_token_repr_never_shows_the_token() -> None:
     token = parse({"access_token": "very-secret-token", "expires_in": 60})
     assert "very-secret-token" not in repr(token)
     assert "very-secret-token" not in str(token)
 
 
-async def test_token_is_reused_until_lifetime_minus_margin_then_fetched_again() -> None:
-    clock = FakeClock()
-    fetch = CountingFetch(clock, lifetime=3600)
-    cache = TokenCache(fetch, refresh_margin=60, clock=clock)
+# How long a token is used, and renewal ahead of time.
 
-    first = await cache.get(KEY)
-    clock.advance(3539.9)
-    assert cache.cached(KEY) is first
-    assert await cache.get(KEY) is first
 
-    clock.advance(0.1)
-    assert cache.cached(KEY) is None
-    second = await cache.get(KEY)
+async def test_requests_never_wait_while_a_refresh_runs(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, events: Events
+) -> None:
+    keeper = make_keeper(refresh_at=0.8)
+    first = await keeper.fetch(KEY)
+
+    fetch.release.clear()
+    await advance(clock, 3600 * 0.8)
+    assert fetch.calls == 2  # the refresh started by itself
+    assert keeper.cached(KEY) is first
+    await advance(clock, 3600 * 0.19)  # past the margin, the refresh still running
+    assert keeper.cached(KEY) is first
+
+    fetch.release.set()
+    await settle()
+    second = keeper.cached(KEY)
+    assert second is not None
+    assert second is not first
+    assert events.refreshes == [True]
+    assert events.stale == 0
+
+
+async def test_a_token_is_not_used_past_its_margin_when_a_newer_one_can_be_had(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper(idle_after=10)
+    first = await keeper.fetch(KEY)
+    await advance(clock, 3600 - 60 - 0.001)  # idle all along: nothing was renewed
+    assert fetch.calls == 1
+    await advance(clock, 0.001)
+
+    assert keeper.cached(KEY) is None
+    second = await keeper.fetch(KEY)
     assert second is not first
     assert fetch.calls == 2
 
 
-async def test_a_margin_longer_than_the_lifetime_keeps_the_token_for_half_of_it() -> None:
-    clock = FakeClock()
-    fetch = CountingFetch(clock, lifetime=30)
-    cache = TokenCache(fetch, refresh_margin=60, clock=clock)
+async def test_a_margin_longer_than_the_lifetime_keeps_the_token_for_half_of_it(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    fetch.lifetime = 30
+    keeper = make_keeper(idle_after=0.05)  # idle: no renewal muddles the picture
+    token = await keeper.fetch(KEY)
+    await advance(clock, 14.9)
+    assert keeper.cached(KEY) is token
+    await advance(clock, 0.1)
+    assert keeper.cached(KEY) is None
 
-    token = await cache.get(KEY)
-    clock.advance(14.9)
-    assert cache.cached(KEY) is token
-    clock.advance(0.1)
-    assert cache.cached(KEY) is None
+
+async def test_an_idle_key_is_not_refreshed_until_it_is_used_again(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper(idle_after=600, refresh_at=0.5)
+    first = await keeper.fetch(KEY)
+
+    await advance(clock, 1800)  # refresh due, but nobody asked for 30 minutes
+    assert fetch.calls == 1
+    await advance(clock, 600)
+    assert fetch.calls == 1
+
+    assert keeper.cached(KEY) is first  # still good: served, and renewal starts behind it
+    await settle()
+    assert fetch.calls == 2
+    assert keeper.cached(KEY) is not first
 
 
-async def test_concurrent_misses_share_one_fetch() -> None:
-    clock = FakeClock()
-    fetch = CountingFetch(clock)
+async def test_concurrent_misses_share_one_fetch(make_keeper: MakeKeeper, fetch: Fetch) -> None:
+    keeper = make_keeper()
     fetch.release.clear()
-    cache = TokenCache(fetch, refresh_margin=60, clock=clock)
-
-    waiters = [asyncio.create_task(cache.get(KEY)) for _ in range(100)]
-    await asyncio.sleep(0)
+    waiters = [asyncio.create_task(keeper.fetch(KEY)) for _ in range(100)]
+    await settle()
     fetch.release.set()
     tokens = await asyncio.gather(*waiters)
 
@@ -133,34 +277,14 @@ async def test_concurrent_misses_share_one_fetch() -> None:
     assert all(token is tokens[0] for token in tokens)
 
 
-async def test_a_failed_fetch_reaches_every_waiter_and_is_not_kept() -> None:
-    clock = FakeClock()
-    fetch = CountingFetch(clock)
+async def test_a_waiter_that_gives_up_does_not_cancel_the_fetch_for_others(
+    make_keeper: MakeKeeper, fetch: Fetch
+) -> None:
+    keeper = make_keeper()
     fetch.release.clear()
-    fetch.failures.append(TokenEndpointUnreachable("down"))
-    cache = TokenCache(fetch, refresh_margin=60, clock=clock)
-
-    waiters = [asyncio.create_task(cache.get(KEY)) for _ in range(10)]
-    await asyncio.sleep(0)
-    fetch.release.set()
-    outcomes = await asyncio.gather(*waiters, return_exceptions=True)
-
-    assert all(isinstance(outcome, TokenEndpointUnreachable) for outcome in outcomes)
-    assert fetch.calls == 1
-    assert cache.cached(KEY) is None
-    assert (await cache.get(KEY)).fingerprint
-    assert fetch.calls == 2
-
-
-async def test_a_waiter_that_gives_up_does_not_cancel_the_fetch_for_others() -> None:
-    clock = FakeClock()
-    fetch = CountingFetch(clock)
-    fetch.release.clear()
-    cache = TokenCache(fetch, refresh_margin=60, clock=clock)
-
-    impatient = asyncio.create_task(cache.get(KEY))
-    patient = asyncio.create_task(cache.get(KEY))
-    await asyncio.sleep(0)
+    impatient = asyncio.create_task(keeper.fetch(KEY))
+    patient = asyncio.create_task(keeper.fetch(KEY))
+    await settle()
     impatient.cancel()
     fetch.release.set()
 
@@ -169,30 +293,230 @@ async def test_a_waiter_that_gives_up_does_not_cancel_the_fetch_for_others() -> 
     assert fetch.calls == 1
 
 
-async def test_scope_sets_are_separate_keys() -> None:
-    clock = FakeClock()
-    fetch = CountingFetch(clock)
-    cache = TokenCache(fetch, refresh_margin=60, clock=clock)
+async def test_scope_sets_are_separate_keys(make_keeper: MakeKeeper, fetch: Fetch) -> None:
+    keeper = make_keeper()
     other = TokenKey(KEY.token_url, KEY.client_id, KEY.audience, KEY.tenant, ("read", "write"))
-
-    assert await cache.get(KEY) is not await cache.get(other)
+    assert await keeper.fetch(KEY) is not await keeper.fetch(other)
     assert fetch.calls == 2
 
 
-async def test_a_token_that_arrives_past_its_usable_moment_is_an_error_not_attached() -> None:
-    clock = FakeClock()
-
-    async def slow_fetch(key: TokenKey) -> Token:
-        token = parse_token_response(
-            {"access_token": "late", "expires_in": 30},
-            obtained_at=clock(),
-            wall_time=0.0,
-            endpoint="E",
-        )
-        clock.advance(20)  # the answer took longer than the 15 s the token may be used
-        return token
-
-    cache = TokenCache(slow_fetch, refresh_margin=60, clock=clock)
+async def test_a_token_that_arrives_past_its_usable_moment_is_an_error(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    fetch.lifetime = 30
+    fetch.release.clear()
+    keeper = make_keeper()
+    waiter = asyncio.create_task(keeper.fetch(KEY))
+    await settle()
+    await advance(clock, 20)  # the answer took longer than the 15 s the token may be used
+    fetch.release.set()
     with pytest.raises(BadTokenResponse, match="took longer to answer"):
-        await cache.get(KEY)
-    assert cache.cached(KEY) is None
+        await waiter
+    assert keeper.cached(KEY) is None
+
+
+# When the token endpoint fails.
+
+
+async def test_a_refresh_that_fails_twice_keeps_serving_the_old_token_then_succeeds(
+    make_keeper: MakeKeeper,
+    clock: FakeClock,
+    fetch: Fetch,
+    events: Events,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    keeper = make_keeper(refresh_at=0.8)
+    first = await keeper.fetch(KEY)
+    fetch.failures = [
+        TokenEndpointUnreachable("down", reason="server_error"),
+        TokenEndpointUnreachable("down", reason="server_error"),
+    ]
+
+    await advance(clock, 3600 * 0.8)  # refresh: fails
+    assert fetch.calls == 2
+    assert keeper.cached(KEY) is first
+    await advance(clock, BACKOFF_BASE)  # first retry: fails
+    assert fetch.calls == 3
+    assert keeper.cached(KEY) is first
+    await advance(clock, BACKOFF_BASE * 2)  # second retry: succeeds
+    assert fetch.calls == 4
+
+    renewed = keeper.cached(KEY)
+    assert renewed is not None
+    assert renewed is not first
+    assert events.refreshes == [False, False, True]
+    assert events.retries == ["server_error", "server_error"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # one per failure streak, not per attempt
+    assert "stays in use" in warnings[0].getMessage()
+
+
+async def test_a_failing_refresh_serves_the_old_token_until_its_real_expiry(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, events: Events
+) -> None:
+    keeper = make_keeper(refresh_at=0.8)
+    first = await keeper.fetch(KEY)
+    fetch.failures = [TokenEndpointUnreachable("down")] * 1000
+
+    await advance(clock, 3600 - 60 + 1)  # past the margin, every renewal failed
+    assert keeper.cached(KEY) is first
+    assert events.stale == 1
+
+    await advance(clock, 59)  # past the real expiry
+    assert keeper.cached(KEY) is None
+    with pytest.raises(TokenEndpointUnreachable) as caught:
+        await keeper.fetch(KEY)
+    assert caught.value.retry_after is not None
+
+
+async def test_without_a_token_callers_are_told_when_the_next_try_is_due(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper()
+    fetch.failures = [TokenEndpointUnreachable("down"), TokenEndpointUnreachable("down")]
+
+    with pytest.raises(TokenEndpointUnreachable) as first:
+        await keeper.fetch(KEY)
+    assert first.value.retry_after == BACKOFF_BASE
+    await advance(clock, 0.25)
+    for _ in range(50):
+        with pytest.raises(TokenEndpointUnreachable) as again:
+            await keeper.fetch(KEY)
+        assert again.value.retry_after == pytest.approx(BACKOFF_BASE - 0.25)
+    assert fetch.calls == 1  # no fetch per caller
+
+    await advance(clock, 0.75)  # the retry is due: the keeper tries by itself
+    assert fetch.calls == 2
+    await advance(clock, BACKOFF_BASE * 2)
+    assert fetch.calls == 3
+    assert keeper.cached(KEY) is not None
+
+
+async def test_the_worker_waits_quietly_while_a_fetch_runs(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper(idle_after=0.001)  # idle: the worker leaves the retry to requests
+    fetch.failures = [TokenEndpointUnreachable("down")]
+    with pytest.raises(TokenEndpointUnreachable):
+        await keeper.fetch(KEY)
+    await advance(clock, 10)  # the retry is due; the worker found the key idle
+
+    fetch.release.clear()
+    waiter = asyncio.create_task(keeper.fetch(KEY))  # a request starts the retry
+    await settle()
+    sleeps = clock.sleeps
+    await settle()
+    assert clock.sleeps - sleeps <= 1  # no busy loop while the fetch is under way
+    fetch.release.set()
+    assert (await waiter).fingerprint
+
+
+async def test_retry_after_from_the_token_endpoint_is_honoured(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper()
+    fetch.failures = [TokenEndpointUnreachable("429", retry_after=30, reason="rate_limited")]
+
+    with pytest.raises(TokenEndpointUnreachable) as caught:
+        await keeper.fetch(KEY)
+    assert caught.value.retry_after == 30
+    await advance(clock, 29.9)
+    assert fetch.calls == 1
+    await advance(clock, 0.1)
+    assert fetch.calls == 2
+    assert keeper.cached(KEY) is not None
+
+
+async def test_rejected_credentials_are_tried_once_per_cool_down(
+    make_keeper: MakeKeeper,
+    clock: FakeClock,
+    fetch: Fetch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    keeper = make_keeper()
+    fetch.failures = [CredentialsRejected("Check the secret.")] * 3
+
+    for _ in range(100):
+        with pytest.raises(CredentialsRejected):
+            await keeper.fetch(KEY)
+    assert fetch.calls == 1
+    await advance(clock, REJECTED_COOL_DOWN)
+    assert fetch.calls == 2
+    await advance(clock, REJECTED_COOL_DOWN)
+    assert fetch.calls == 3
+
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "Check the secret." in errors[0].getMessage()
+
+
+async def test_a_token_nobody_uses_is_not_retried_for_ever(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper(idle_after=100)
+    fetch.failures = [TokenEndpointUnreachable("down")] * 1000
+    with pytest.raises(TokenEndpointUnreachable):
+        await keeper.fetch(KEY)
+    for _ in range(20):
+        await advance(clock, 60)
+    calls = fetch.calls
+    for _ in range(20):
+        await advance(clock, 60)
+    assert fetch.calls == calls
+
+
+async def test_a_request_for_an_idle_failing_key_restarts_its_retries(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, events: Events
+) -> None:
+    keeper = make_keeper(idle_after=100, refresh_at=0.8)
+    first = await keeper.fetch(KEY)
+    await advance(clock, 3600 * 0.8 - 50)
+    assert keeper.cached(KEY) is first  # in use when the refresh falls due
+    fetch.failures = [TokenEndpointUnreachable("down")] * 1000
+    await advance(clock, 50)
+    assert fetch.calls == 2  # the refresh failed
+    await advance(clock, 700)  # retries stop: nobody asked for over ten minutes
+    calls = fetch.calls
+
+    assert keeper.cached(KEY) is first  # past the margin: the failing token, stale
+    await settle()
+    assert fetch.calls == calls + 1  # and the request set the retries going again
+    assert events.stale == 1
+
+
+# After an upstream 401.
+
+
+async def test_drop_forgets_only_the_current_token_and_only_once_it_is_old_enough(
+    make_keeper: MakeKeeper, clock: FakeClock
+) -> None:
+    keeper = make_keeper()
+    token = await keeper.fetch(KEY)
+    assert not keeper.drop(KEY, token)  # too new to blame
+    assert keeper.cached(KEY) is token
+
+    await advance(clock, MIN_AGE_TO_DROP_ON_401)
+    assert keeper.drop(KEY, token)
+    assert not keeper.drop(KEY, token)
+    assert keeper.cached(KEY) is None
+    assert await keeper.fetch(KEY) is not token
+
+
+# Readiness.
+
+
+async def test_has_usable_follows_the_token(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper()
+    assert not keeper.has_usable(KEY)
+    fetch.release.clear()
+    keeper.prefetch(KEY)
+    await settle()
+    assert not keeper.has_usable(KEY)
+    fetch.release.set()
+    await settle()
+    assert keeper.has_usable(KEY)
+    assert fetch.calls == 1
+    await advance(clock, 3600)
+    assert not keeper.has_usable(KEY)
