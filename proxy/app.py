@@ -124,17 +124,13 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
 def token_problem(tokens: TokenKeeper, key: TokenKey, *, prefetch: bool) -> str | None:
     """Why requests for `key` cannot be served now, for `/readyz`; None when they can.
 
-    Without a usable token the proxy is not ready when the credentials are rejected, and,
-    when it fetches at start, until it holds a token.
+    With `prefetch`, the proxy is not ready until it holds a token and while it has none
+    it can use; without, only rejected credentials make it unready.
     """
-    if tokens.has_usable(key):
-        return None
-    failure = tokens.failure(key)
-    if isinstance(failure, CredentialsRejected):
-        return f"credentials rejected: {failure}"
-    if not prefetch:
-        return None
-    return "no token yet" if failure is None else f"no token: {failure}"
+    problem = tokens.problem(key)
+    if problem is None or prefetch or isinstance(tokens.failure(key), CredentialsRejected):
+        return problem
+    return None
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:

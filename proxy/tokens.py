@@ -8,8 +8,8 @@ For each key (token URL, client, audience, tenant, scope set) the keeper holds o
 one background worker:
 
 - A request takes the current token without waiting while it is usable: until
-  `expires_at - refresh_margin`, and after that until `expires_at` only if no newer token can
-  be had right now (a renewal is under way or failing).
+  `expires_at - refresh_margin`, and after that until `expires_at` only while no newer token
+  can be had (a renewal is under way, started by that request if need be, or failing).
 - The worker renews the token at `refresh_at` of its lifetime (with a little jitter), unless
   nobody used the key for `idle_after` seconds: then it waits until somebody does.
 - A failed fetch is retried with capped exponential backoff and full jitter, not sooner
@@ -35,7 +35,12 @@ from typing import Any, Protocol
 import jwt
 from pydantic import SecretStr
 
-from proxy.errors import BadTokenResponse, CredentialsRejected, TokenUnavailable
+from proxy.errors import (
+    BadTokenResponse,
+    CredentialsRejected,
+    TokenEndpointUnreachable,
+    TokenUnavailable,
+)
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -53,6 +58,9 @@ REJECTED_COOL_DOWN = 60.0
 # moments ago that the upstream refuses says more about the upstream or the audience than
 # about the token, and fetching again would only spend quota.
 MIN_AGE_TO_DROP_ON_401 = 60.0
+MAX_AGE_TO_DROP_ON_401 = 3600.0
+# The Retry-After a caller gets while a retry is under way: its outcome is soon known.
+_RETRY_UNDER_WAY = 1.0
 # How much earlier than `refresh_at` a refresh may fall, so that proxies started together
 # do not all renew in the same second.
 _REFRESH_JITTER = 0.05
@@ -205,9 +213,13 @@ def _jwt_expiry(access_token: str) -> float | None:
     except jwt.PyJWTError:
         return None
     exp = claims.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
         return None
-    return float(exp)
+    try:
+        seconds = float(exp)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 class KeyPhase(enum.Enum):
@@ -234,9 +246,17 @@ class _KeyState:
     retry_at: float = -math.inf
     failure: TokenUnavailable | None = None
     failures: int = 0
+    fetched: bool = False
+    """A fetch for this key has succeeded at least once."""
+    kept: bool = False
+    """Readiness depends on this key: its failures are retried even while it is idle."""
     last_used: float = -math.inf
     parked: bool = False
     """The worker found the key idle and waits for a request before renewing."""
+    drop_min_age: float = MIN_AGE_TO_DROP_ON_401
+    last_drop: float = -math.inf
+    expiry_reported: bool = False
+    short_warned: bool = False
     skew_warned: bool = False
     in_flight: asyncio.Task[Token] | None = None
     worker: asyncio.Task[None] | None = None
@@ -250,8 +270,8 @@ class TokenKeeper:
     """One token per `TokenKey`, renewed ahead of time and kept through token endpoint outages.
 
     `cached` is the hot path: a dictionary lookup and a few comparisons, no lock, no await,
-    no allocation. `fetch` is for callers that found no usable token: it joins the fetch under
-    way, or starts one, or fails at once while a retry is not yet due.
+    no allocation. `fetch` is for callers that found no usable token: it joins the first
+    fetch, or starts one, or fails at once while the token endpoint is failing.
     """
 
     def __init__(
@@ -273,6 +293,7 @@ class TokenKeeper:
         self._events = events or NoEvents()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._states: dict[TokenKey, _KeyState] = {}
+        self._closed = False
 
     def cached(self, key: TokenKey) -> Token | None:
         """The token to attach for `key` now, or None when the caller must `fetch`."""
@@ -285,49 +306,64 @@ class TokenKeeper:
             self._unpark(state)  # renewal was due while nobody asked: now somebody does
         if now < state.usable_until:
             return token
-        if now < token.expires_at:
-            if state.is_failing():
-                self._events.stale_use(key)
-                return token
-            if state.in_flight is not None:
-                return token  # renewal under way: no request waits for it
-        return None
+        if now >= token.expires_at:
+            return None
+        if state.is_failing():
+            self._events.stale_use(key)
+        elif state.in_flight is None and not self._closed:
+            # Past the margin with no renewal under way (the key was idle, or the worker
+            # has yet to wake): renew now. No newer token can be had sooner than that
+            # renewal brings it, so this one serves until then.
+            self._start_attempt(state)
+        return token
 
     async def fetch(self, key: TokenKey) -> Token:
         """A usable token for `key`, fetched if need be; `TokenUnavailable` says why not
         and, in `retry_after`, when the keeper tries again."""
+        if self._closed:
+            raise TokenEndpointUnreachable("The proxy is stopping; no new token is fetched.")
         state = self._state(key)
-        now = self._clock.now()
-        state.last_used = now
-        if state.parked:
-            self._unpark(state)
         token = self.cached(key)
         if token is not None:
             return token
-        if state.in_flight is None:
-            if state.failure is not None and now < state.retry_at:
+        now = self._clock.now()
+        if state.failure is not None:
+            # The token endpoint is failing: callers are told when the next try is due at
+            # once, not made to wait for a retry that may hang as long as its timeout.
+            self._report_expiry(state, now)
+            if state.in_flight is not None:
+                raise _again(state.failure, _RETRY_UNDER_WAY)
+            if now < state.retry_at:
                 raise _again(state.failure, state.retry_at - now)
+        if state.in_flight is None:
             self._start_attempt(state)
         assert state.in_flight is not None
         # A caller that gives up (its client went away) must not cancel the others' fetch.
         return await asyncio.shield(state.in_flight)
 
     def prefetch(self, key: TokenKey) -> None:
-        """Start fetching the token for `key` now, without waiting for it."""
+        """Fetch the token for `key` now, without waiting for it, and keep retrying it while
+        it fails even when nobody asks for it: readiness depends on it."""
         state = self._state(key)
+        state.kept = True
         state.last_used = self._clock.now()
         if state.in_flight is None and state.token is None:
             self._start_attempt(state)
 
-    def has_usable(self, key: TokenKey) -> bool:
-        """Whether a request for `key` would get a token now (for readiness)."""
+    def problem(self, key: TokenKey) -> str | None:
+        """Why a request for `key` could not be served now, or None if it could (a key
+        whose token lapsed while idle can: it is fetched on demand)."""
         state = self._states.get(key)
-        if state is None or (token := state.token) is None:
-            return False
-        now = self._clock.now()
-        return now < state.usable_until or (
-            now < token.expires_at and (state.is_failing() or state.in_flight is not None)
-        )
+        if state is None:
+            return None
+        token = state.token
+        if token is not None and self._clock.now() < token.expires_at:
+            return None
+        if isinstance(state.failure, CredentialsRejected):
+            return f"credentials rejected: {state.failure}"
+        if state.failure is not None:
+            return f"no token: {state.failure}"
+        return None if state.fetched else "no token yet"
 
     def failure(self, key: TokenKey) -> TokenUnavailable | None:
         """Why the last fetch for `key` failed, while it is still failing."""
@@ -335,26 +371,49 @@ class TokenKeeper:
         return None if state is None else state.failure
 
     def drop(self, key: TokenKey, token: Token) -> bool:
-        """Forget `token` after the upstream refused it, if it is still the current token
-        and old enough to blame; the next request fetches a new one."""
+        """Forget `token` after the upstream refused it, and fetch a new one, if it is still
+        the current token and old enough to blame.
+
+        Tokens refused one after the other say the upstream, not the token, is at fault
+        (a wrong audience, say): each drop soon after the last doubles the age a token must
+        reach before it is dropped, up to an hour, so the quota is not spent on them.
+        """
         state = self._states.get(key)
         if state is None or state.token is not token:
             return False
-        if self._clock.now() - token.obtained_at < MIN_AGE_TO_DROP_ON_401:
+        now = self._clock.now()
+        if now - token.obtained_at < state.drop_min_age:
             return False
-        logger.warning(
-            "The upstream refused the token for tenant %s (fingerprint %s); fetching a new one.",
-            key.tenant,
-            token.fingerprint,
-        )
+        if now - state.last_drop <= 2 * state.drop_min_age:
+            if state.drop_min_age == MIN_AGE_TO_DROP_ON_401:
+                logger.error(
+                    "The upstream refused the new token for tenant %s too: check the audience "
+                    "and the tenant TechWolf gave you. Tokens it keeps refusing are replaced "
+                    "less and less often, down to once an hour.",
+                    key.tenant,
+                )
+            state.drop_min_age = min(state.drop_min_age * 2, MAX_AGE_TO_DROP_ON_401)
+        else:
+            state.drop_min_age = MIN_AGE_TO_DROP_ON_401
+            logger.warning(
+                "The upstream refused the token for tenant %s (fingerprint %s); fetching a "
+                "new one.",
+                key.tenant,
+                token.fingerprint,
+            )
+        state.last_drop = now
         state.token = None
         state.usable_until = -math.inf
         state.refresh_at = math.inf
-        state.phase = KeyPhase.EMPTY
+        if state.phase is KeyPhase.VALID:
+            state.phase = KeyPhase.EMPTY
+        if state.in_flight is None and now >= state.retry_at and not self._closed:
+            self._start_attempt(state)
         return True
 
     async def close(self) -> None:
         """Stop every worker and fetch; used when the proxy stops."""
+        self._closed = True
         tasks = [
             task
             for state in self._states.values()
@@ -370,11 +429,27 @@ class TokenKeeper:
         if state is None:
             state = self._states[key] = _KeyState(key)
             state.worker = asyncio.create_task(self._work(state), name=f"tokens:{key.tenant}")
+        state.last_used = self._clock.now()
+        if state.parked:
+            self._unpark(state)
         return state
 
     def _unpark(self, state: _KeyState) -> None:
         state.parked = False
         state.wake.set()
+
+    def _report_expiry(self, state: _KeyState, now: float) -> None:
+        """Once per failure streak: the token kept in use while renewals failed ran out."""
+        token = state.token
+        if token is None or now < token.expires_at or state.expiry_reported:
+            return
+        state.expiry_reported = True
+        logger.error(
+            "The token for tenant %s has expired and renewing it keeps failing: %s Requests "
+            "get 503 until a renewal succeeds.",
+            state.key.tenant,
+            state.failure,
+        )
 
     def _start_attempt(self, state: _KeyState) -> asyncio.Task[Token]:
         task = asyncio.create_task(self._attempt(state))
@@ -402,6 +477,13 @@ class TokenKeeper:
                 )
         except TokenUnavailable as exc:
             raise self._failed(state, exc) from None
+        except Exception as exc:
+            # A bug, not the endpoint's doing: still a failed fetch, retried like one.
+            logger.exception(
+                "Fetching a token for tenant %s failed unexpectedly.", state.key.tenant
+            )
+            unexpected = BadTokenResponse(f"Fetching a token failed unexpectedly ({exc!r}).")
+            raise self._failed(state, unexpected) from None
         self._succeeded(state, token)
         return token
 
@@ -410,11 +492,13 @@ class TokenKeeper:
         recovered = state.failure is not None
         state.phase = KeyPhase.VALID
         state.token = token
+        state.fetched = True
         state.usable_until = self._usable_until(token)
         state.refresh_at = self._refresh_time(token, state.usable_until)
         state.failure = None
         state.failures = 0
         state.retry_at = -math.inf
+        state.expiry_reported = False
         logger.info(
             "Token %s for tenant %s (scopes: %s), valid for %.0f s, fingerprint %s",
             "fetched again after failures" if recovered else "fetched",
@@ -423,12 +507,14 @@ class TokenKeeper:
             token.expires_at - token.obtained_at,
             token.fingerprint,
         )
-        if token.lifetime <= self._refresh_margin:
+        lifetime = token.expires_at - token.obtained_at
+        if lifetime <= 2 * self._refresh_margin and not state.short_warned:
+            state.short_warned = True
             logger.warning(
-                "The token for tenant %s lives %.0f s, not more than auth.refresh_margin "
+                "The token for tenant %s lives %.0f s, less than twice auth.refresh_margin "
                 "(%.0f s); it is used for half its lifetime instead.",
                 key.tenant,
-                token.lifetime,
+                lifetime,
                 self._refresh_margin,
             )
         skew = token.exp_skew
@@ -494,39 +580,50 @@ class TokenKeeper:
 
     def _usable_until(self, token: Token) -> float:
         lifetime = token.expires_at - token.obtained_at
-        margin = self._refresh_margin
-        if lifetime <= margin:
-            # A margin as long as the lifetime would make every token useless on arrival
-            # and spend one token request per proxied request.
-            margin = lifetime / 2
-        return token.expires_at - margin
+        # A margin as long as the lifetime would make a token useless on arrival, and a
+        # nearly as long one would renew it every few seconds: use half the life at most.
+        return token.expires_at - min(self._refresh_margin, lifetime / 2)
 
     def _refresh_time(self, token: Token, usable_until: float) -> float:
         lifetime = token.expires_at - token.obtained_at
         fraction = self._refresh_at * self._rng.uniform(1 - _REFRESH_JITTER, 1)
-        return min(token.obtained_at + lifetime * fraction, usable_until)
+        # Never later than a little before the margin: a request arriving right then must
+        # find the renewal under way, not wait for it.
+        latest = usable_until - lifetime * _REFRESH_JITTER
+        return min(token.obtained_at + lifetime * fraction, latest)
 
     async def _work(self, state: _KeyState) -> None:
         """Renew the token of one key ahead of time, and retry failed fetches."""
         while True:
-            # While a fetch runs, only its end (which wakes the worker) can change the plan.
-            await self._sleep(state, None if state.in_flight is not None else self._due(state))
-            if state.in_flight is not None:
-                continue
-            now = self._clock.now()
-            due = self._due(state)
-            if due is None or now < due:
-                continue
-            if now - state.last_used >= self._idle_after:
-                # Nobody asked for this key lately: spend no quota on it until someone does.
-                state.parked = True
-                continue
             try:
-                await asyncio.shield(self._start_attempt(state))
-            except TokenUnavailable:
-                self._events.refreshed(state.key, succeeded=False)
-            else:
-                self._events.refreshed(state.key, succeeded=True)
+                await self._step(state)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("The token worker for tenant %s failed.", state.key.tenant)
+                await self._sleep(state, self._clock.now() + BACKOFF_CAP)
+
+    async def _step(self, state: _KeyState) -> None:
+        # While a fetch runs, only its end (which wakes the worker) can change the plan.
+        await self._sleep(state, None if state.in_flight is not None else self._due(state))
+        if state.in_flight is not None:
+            return
+        now = self._clock.now()
+        due = self._due(state)
+        if due is None or now < due:
+            return
+        if now - state.last_used >= self._idle_after and not (state.kept and state.is_failing()):
+            # Nobody asked for this key lately: spend no quota on it until someone does.
+            # A failing key readiness depends on is retried all the same, so that the
+            # proxy becomes ready again by itself when the token endpoint recovers.
+            state.parked = True
+            return
+        try:
+            await asyncio.shield(self._start_attempt(state))
+        except TokenUnavailable:
+            self._events.refreshed(state.key, succeeded=False)
+        else:
+            self._events.refreshed(state.key, succeeded=True)
 
     def _due(self, state: _KeyState) -> float | None:
         if state.parked:

@@ -20,7 +20,13 @@ from aiohttp import web
 
 from proxy.server import ProxyServer
 from proxy.standins import Answer
-from proxy.tokens import BACKOFF_BASE, MIN_AGE_TO_DROP_ON_401, REJECTED_COOL_DOWN, fingerprint
+from proxy.tokens import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    MIN_AGE_TO_DROP_ON_401,
+    REJECTED_COOL_DOWN,
+    fingerprint,
+)
 from tests.conftest import Standins, StartProxy, StartStandins
 from tests.support import TENANT, FakeClock, sample
 
@@ -47,7 +53,19 @@ class Lifecycle:
 
     @property
     def token_requests(self) -> int:
+        """Token requests the stand-in received (its answer may not be back yet)."""
         return len(self.standins.tokens.requests)
+
+    def fetches(self) -> int:
+        """Token requests whose outcome the proxy has taken in."""
+        registry = self.proxy.metrics.registry
+        return sum(
+            registry.get_sample_value(
+                "skill_engine_proxy_token_fetches_total", {"tenant": TENANT, "outcome": outcome}
+            )
+            or 0
+            for outcome in ("success", "error")
+        )
 
     async def get(self, path: str = "/echo", **options: Any) -> tuple[int, dict[str, Any]]:
         async with self.session.get(f"{self.proxy.proxy_url}{path}", **options) as response:
@@ -108,7 +126,7 @@ async def start_lifecycle(start_standins: StartStandins, start_proxy: StartProxy
 async def running(start_lifecycle: Any) -> Lifecycle:
     """A proxy that fetched its token at start."""
     lifecycle: Lifecycle = await start_lifecycle()
-    await eventually(lambda: lifecycle.token_requests == 1, "the token fetched at start")
+    await eventually(lambda: lifecycle.fetches() == 1, "the token fetched at start")
     await eventually(lambda: lifecycle.proxy.lifecycle.token_problem() is None, "ready")
     return lifecycle
 
@@ -162,13 +180,13 @@ async def test_a_refresh_that_fails_twice_serves_the_old_token_and_succeeds_on_t
     running.standins.tokens.answer_next(Answer(500, {"error": "server_error"}), times=2)
 
     await running.advance(LIFETIME * 0.8)
-    await eventually(lambda: running.token_requests == 2, "the refresh")
+    await eventually(lambda: running.fetches() == 2, "the refresh")
     assert await running.fingerprint() == first
     await running.advance(BACKOFF_BASE)
-    await eventually(lambda: running.token_requests == 3, "the first retry")
+    await eventually(lambda: running.fetches() == 3, "the first retry")
     assert await running.fingerprint() == first
     await running.advance(BACKOFF_BASE * 2)
-    await eventually(lambda: running.token_requests == 4, "the second retry")
+    await eventually(lambda: running.fetches() == 4, "the second retry")
     await running.renewed(first)
     assert await running.metric("token_refreshes_total", tenant=TENANT, outcome="error") == 2
     assert await running.metric("token_refreshes_total", tenant=TENANT, outcome="success") == 1
@@ -185,7 +203,7 @@ async def test_past_the_margin_a_failing_refresh_is_counted_as_stale_uses(
     first = await running.fingerprint()
     running.standins.tokens.answer_next(Answer(503), times=10_000)
     await running.advance(LIFETIME - 30)  # inside the margin; every renewal so far failed
-    await eventually(lambda: running.token_requests >= 2, "a renewal")
+    await eventually(lambda: running.fetches() >= 2, "a renewal")
     assert await running.fingerprint() == first
     assert await running.metric("token_stale_uses_total", tenant=TENANT) >= 1
 
@@ -195,7 +213,7 @@ async def test_an_outage_longer_than_the_token_gives_503_with_retry_after_and_he
 ) -> None:
     running.standins.tokens.answer_next(Answer(503), times=10_000)
     await running.advance(LIFETIME * 0.8)
-    await eventually(lambda: running.token_requests == 2, "the refresh")
+    await eventually(lambda: running.fetches() == 2, "the refresh")
     while running.clock.now() < 1000 + LIFETIME:  # the token's life runs out, in use
         status, _ = await running.get()
         assert status == 200
@@ -212,33 +230,30 @@ async def test_an_outage_longer_than_the_token_gives_503_with_retry_after_and_he
     assert status == 503
     assert "no token" in text
 
-    running.standins.tokens.recover()  # the endpoint is back
-    for _ in range(10):  # the backoff is capped at a minute: each step reaches a retry
-        await running.advance(60)
-        status, _ = await running.get()
-        if status == 200:
-            break
-    assert status == 200
+    running.standins.tokens.recover()  # the endpoint is back: nobody sends a request
+    await running.advance(BACKOFF_CAP)  # the backoff is capped: a retry falls due by then
+    await eventually(lambda: running.proxy.lifecycle.token_problem() is None, "recovery")
     assert (await running.ready())[0] == 200
+    assert (await running.get())[0] == 200
 
 
 async def test_a_429_is_waited_out_as_long_as_retry_after_says(running: Lifecycle) -> None:
     running.standins.tokens.answer_next(Answer(429, None, {"Retry-After": "30"}))
     await running.advance(LIFETIME * 0.8)
-    await eventually(lambda: running.token_requests == 2, "the refresh")
+    await eventually(lambda: running.fetches() == 2, "the refresh")
 
     await running.advance(29)
     await asyncio.sleep(0.05)
     assert running.token_requests == 2
     await running.advance(1)
-    await eventually(lambda: running.token_requests == 3, "the retry after 30 s")
+    await eventually(lambda: running.fetches() == 3, "the retry after 30 s")
 
 
 async def test_rejected_credentials_cost_one_token_request_per_cool_down(
     start_lifecycle: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     lifecycle: Lifecycle = await start_lifecycle(client_secret="not-the-secret")
-    await eventually(lambda: lifecycle.token_requests == 1, "the start-up fetch")
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
     await eventually(lambda: lifecycle.proxy.lifecycle.token_problem() is not None, "rejected")
 
     for _ in range(50):
@@ -252,15 +267,42 @@ async def test_rejected_credentials_cost_one_token_request_per_cool_down(
     assert "credentials rejected" in text
 
     await lifecycle.advance(REJECTED_COOL_DOWN)
-    await eventually(lambda: lifecycle.token_requests == 2, "one try after the cool-down")
+    await eventually(lambda: lifecycle.fetches() == 2, "one try after the cool-down")
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     assert "not-the-secret" not in caplog.text
 
 
+async def test_credentials_put_right_make_the_proxy_ready_by_itself(start_lifecycle: Any) -> None:
+    lifecycle: Lifecycle = await start_lifecycle(client_secret="not-the-secret")
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
+    assert (await lifecycle.ready())[0] == 503
+
+    lifecycle.standins.tokens.client_secret = "not-the-secret"  # the operator fixes it upstream
+    await lifecycle.advance(REJECTED_COOL_DOWN)
+    await eventually(lambda: lifecycle.proxy.lifecycle.token_problem() is None, "ready again")
+    assert (await lifecycle.ready())[0] == 200
+    assert await lifecycle.fingerprint()
+
+
+async def test_a_renewal_answered_with_garbage_is_retried(running: Lifecycle) -> None:
+    first = await running.fingerprint()
+    running.standins.tokens.answer_next(Answer(200, b"<html>maintenance</html>"))
+    await running.advance(LIFETIME * 0.8)
+    await eventually(lambda: running.fetches() == 2, "the refresh")
+    assert await running.fingerprint() == first
+    await running.advance(BACKOFF_BASE)
+    await eventually(lambda: running.fetches() == 3, "the retry")
+    await running.renewed(first)
+    retries = await running.metric(
+        "token_fetch_retries_total", tenant=TENANT, reason="bad_response"
+    )
+    assert retries == 1
+
+
 async def test_an_idle_scope_set_stops_refreshing(start_lifecycle: Any) -> None:
     lifecycle: Lifecycle = await start_lifecycle(idle_after=600)
-    await eventually(lambda: lifecycle.token_requests == 1, "the start-up fetch")
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
     for _ in range(10):
         await lifecycle.advance(LIFETIME * 0.1)
     await asyncio.sleep(0.05)
@@ -274,7 +316,7 @@ async def test_a_jwt_exp_earlier_than_expires_in_wins(
     start_lifecycle: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     lifecycle: Lifecycle = await start_lifecycle(token_options={"exp_offset": -(LIFETIME - 300)})
-    await eventually(lambda: lifecycle.token_requests == 1, "the start-up fetch")
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
     first = await lifecycle.fingerprint()
 
     expiry = await lifecycle.metric("token_expiry_timestamp_seconds", tenant=TENANT, scopes="")
@@ -283,7 +325,7 @@ async def test_a_jwt_exp_earlier_than_expires_in_wins(
     assert sum("clock" in r.getMessage() for r in caplog.records) == 1
 
     await lifecycle.advance(300 * 0.8)  # a refresh at 0.8 of the exp lifetime, not of 3600
-    await eventually(lambda: lifecycle.token_requests == 2, "a refresh by the token's exp")
+    await eventually(lambda: lifecycle.fetches() == 2, "a refresh by the token's exp")
     assert await lifecycle.renewed(first)
     assert sum("clock" in r.getMessage() for r in caplog.records) == 1
 
@@ -332,7 +374,7 @@ async def test_200_concurrent_401s_cause_one_new_fetch_and_one_replay_each(
     lifecycle: Lifecycle = await start_lifecycle(
         routes=condemning_routes(condemned, all_arrived, expected=200)
     )
-    await eventually(lambda: lifecycle.token_requests == 1, "the start-up fetch")
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
     condemned.add(await lifecycle.fingerprint())
     await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
     received_before = len(lifecycle.standins.skill_engine.received)
@@ -349,10 +391,32 @@ async def test_200_concurrent_401s_cause_one_new_fetch_and_one_replay_each(
     assert replayed == 200
 
 
+async def test_a_replayed_request_refused_again_is_not_replayed_twice(
+    start_lifecycle: Any,
+) -> None:
+    routes = web.RouteTableDef()
+    attempts: list[str] = []
+
+    @routes.get("/always-401")
+    async def always_401(request: web.Request) -> web.Response:
+        attempts.append(request.headers["Authorization"])
+        return web.json_response({"error": "invalid_token"}, status=401)
+
+    lifecycle: Lifecycle = await start_lifecycle(routes=routes)
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
+    await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
+
+    status, _ = await lifecycle.get("/always-401")
+    assert status == 401
+    assert len(attempts) == 2  # the first try and one replay, with a new token
+    assert attempts[0] != attempts[1]
+    assert lifecycle.token_requests == 2
+
+
 async def test_a_small_body_is_replayed_intact(start_lifecycle: Any) -> None:
     seen: list[bytes] = []
     lifecycle: Lifecycle = await start_lifecycle(routes=replay_routes(seen))
-    await eventually(lambda: lifecycle.token_requests == 1, "the start-up fetch")
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
     await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
     lifecycle.standins.tokens.revoke_all()
 
@@ -368,7 +432,7 @@ async def test_a_large_or_unsized_body_with_a_401_is_passed_through_not_replayed
     start_lifecycle: Any, chunked: bool
 ) -> None:
     lifecycle: Lifecycle = await start_lifecycle(routes=replay_routes([]))
-    await eventually(lambda: lifecycle.token_requests == 1, "the start-up fetch")
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
     await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
     lifecycle.standins.tokens.revoke_all()
 
@@ -397,7 +461,7 @@ async def test_a_401_on_a_brand_new_token_is_passed_through_without_a_fetch(
 
 async def test_a_403_is_passed_through_without_a_new_token(start_lifecycle: Any) -> None:
     lifecycle: Lifecycle = await start_lifecycle(routes=replay_routes([]))
-    await eventually(lambda: lifecycle.token_requests == 1, "the start-up fetch")
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
     await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
     status, _ = await lifecycle.get("/forbidden")
     assert status == 403

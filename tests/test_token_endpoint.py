@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -184,6 +185,17 @@ async def test_rate_limit_answers_say_when_to_retry(standins: Standins, fetch: A
     with pytest.raises(TokenEndpointUnreachable) as caught:
         await fetch()
     assert caught.value.retry_after == 7
+
+
+async def test_auth0s_rate_limit_reset_says_when_to_retry(standins: Standins, fetch: Any) -> None:
+    reset = str(int(time.time()) + 40)
+    standins.tokens.answer_next(
+        Answer(429, {"error": "too_many_requests"}, {"x-ratelimit-reset": reset})
+    )
+    with pytest.raises(TokenEndpointUnreachable) as caught:
+        await fetch()
+    assert caught.value.retry_after is not None
+    assert 30 < caught.value.retry_after <= 40
 
 
 async def test_an_oversized_answer_is_refused(standins: Standins, fetch: Any) -> None:

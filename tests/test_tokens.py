@@ -18,6 +18,8 @@ from proxy.errors import (
 )
 from proxy.tokens import (
     BACKOFF_BASE,
+    BACKOFF_CAP,
+    MAX_AGE_TO_DROP_ON_401,
     MIN_AGE_TO_DROP_ON_401,
     REJECTED_COOL_DOWN,
     Token,
@@ -190,6 +192,11 @@ def test_expires_in_earlier_than_a_jwt_exp_wins() -> None:
     assert token.expires_at == 3600
 
 
+def test_a_jwt_exp_too_large_for_a_float_is_ignored() -> None:
+    token_text = jwt.encode({"exp": int("9" * 400)}, "k" * 32, algorithm="HS256")
+    assert parse({"access_token": token_text, "expires_in": 60}).expires_at == 60
+
+
 def test_token_repr_never_shows_the_token() -> None:
     token = parse({"access_token": "very-secret-token", "expires_in": 60})
     assert "very-secret-token" not in repr(token)
@@ -221,7 +228,7 @@ async def test_requests_never_wait_while_a_refresh_runs(
     assert events.stale == 0
 
 
-async def test_a_token_is_not_used_past_its_margin_when_a_newer_one_can_be_had(
+async def test_past_its_margin_a_token_serves_only_until_its_renewal_arrives(
     make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
 ) -> None:
     keeper = make_keeper(idle_after=10)
@@ -230,22 +237,67 @@ async def test_a_token_is_not_used_past_its_margin_when_a_newer_one_can_be_had(
     assert fetch.calls == 1
     await advance(clock, 0.001)
 
-    assert keeper.cached(KEY) is None
-    second = await keeper.fetch(KEY)
-    assert second is not first
+    fetch.release.clear()
+    assert keeper.cached(KEY) is first  # the request does not wait: renewal starts behind it
+    await settle()
     assert fetch.calls == 2
+    fetch.release.set()
+    await settle()
+    second = keeper.cached(KEY)
+    assert second is not None
+    assert second is not first
 
 
-async def test_a_margin_longer_than_the_lifetime_keeps_the_token_for_half_of_it(
+async def test_a_token_is_never_attached_past_its_real_expiry(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper(idle_after=10)
+    first = await keeper.fetch(KEY)
+    await advance(clock, 3600)  # idle: nothing renewed it
+    assert keeper.cached(KEY) is None
+    assert await keeper.fetch(KEY) is not first
+
+
+async def test_a_lifetime_just_over_the_margin_still_uses_half_of_it(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    fetch.lifetime = 61
+    keeper = make_keeper(idle_after=0.05)
+    token = await keeper.fetch(KEY)
+    await advance(clock, 30)
+    assert keeper.cached(KEY) is token  # not 1 s, as lifetime - margin would give
+
+
+async def test_a_request_at_the_margin_finds_the_renewal_under_way(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    fetch.lifetime = 300  # 0.8 of it is exactly where the 60 s margin begins
+    keeper = make_keeper()
+    token = await keeper.fetch(KEY)
+    fetch.release.clear()
+    clock.advance(300 - 60)  # no yield: the worker has not woken yet
+    assert keeper.cached(KEY) is token
+    await settle()
+    assert fetch.calls == 2
+    fetch.release.set()
+
+
+async def test_a_margin_longer_than_the_lifetime_leaves_half_of_it_usable(
     make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
 ) -> None:
     fetch.lifetime = 30
-    keeper = make_keeper(idle_after=0.05)  # idle: no renewal muddles the picture
+    keeper = make_keeper()  # refresh_margin 60: longer than the token lives
     token = await keeper.fetch(KEY)
-    await advance(clock, 14.9)
+    assert fetch.calls == 1  # not useless on arrival: no second fetch at once
+    fetch.release.clear()
+    await advance(clock, 14)
     assert keeper.cached(KEY) is token
+    assert fetch.calls == 2  # renewed ahead of half its life
+    await advance(clock, 15.9)
+    assert keeper.cached(KEY) is token  # the renewal hangs: served until real expiry
     await advance(clock, 0.1)
     assert keeper.cached(KEY) is None
+    fetch.release.set()
 
 
 async def test_an_idle_key_is_not_refreshed_until_it_is_used_again(
@@ -484,11 +536,87 @@ async def test_a_request_for_an_idle_failing_key_restarts_its_retries(
     assert events.stale == 1
 
 
+async def test_callers_do_not_wait_for_a_retry_under_way(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper()
+    fetch.failures = [TokenEndpointUnreachable("down")]
+    with pytest.raises(TokenEndpointUnreachable):
+        await keeper.fetch(KEY)
+    fetch.release.clear()
+    await advance(clock, BACKOFF_BASE)  # the retry starts, and hangs
+    assert fetch.calls == 2
+    with pytest.raises(TokenEndpointUnreachable) as caught:
+        await asyncio.wait_for(keeper.fetch(KEY), timeout=1)
+    assert caught.value.retry_after == 1.0
+    fetch.release.set()
+
+
+async def test_an_unexpected_error_in_a_fetch_is_a_failure_and_the_worker_survives(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper()
+    first = await keeper.fetch(KEY)
+    fetch.failures = [RuntimeError("a bug")]  # type: ignore[list-item]
+    await advance(clock, 3600 * 0.8)
+    assert fetch.calls == 2
+    assert keeper.cached(KEY) is first  # still served while renewal fails
+    await advance(clock, BACKOFF_BASE)
+    assert fetch.calls == 3  # the worker retried: it did not die
+    assert keeper.cached(KEY) is not first
+
+
+async def test_a_key_readiness_depends_on_recovers_by_itself_after_a_long_outage(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper(idle_after=600)
+    fetch.failures = [TokenEndpointUnreachable("down")] * 1000
+    keeper.prefetch(KEY)
+    await settle()
+    for _ in range(4000 // 60):  # more than an hour, nobody sending requests
+        await advance(clock, 60)
+    assert keeper.problem(KEY) == "no token: down"
+    fetch.failures = []
+    await advance(clock, BACKOFF_CAP)
+    assert keeper.problem(KEY) is None
+
+
+async def test_rejected_credentials_put_right_are_noticed_by_themselves(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper(idle_after=600)
+    fetch.failures = [CredentialsRejected("Check the secret.")] * 1000
+    keeper.prefetch(KEY)
+    await settle()
+    for _ in range(10):
+        await advance(clock, 600)
+    assert keeper.problem(KEY) == "credentials rejected: Check the secret."
+    calls = fetch.calls
+    assert calls <= 6000 / REJECTED_COOL_DOWN + 1
+    fetch.failures = []  # the operator fixed the secret
+    await advance(clock, REJECTED_COOL_DOWN)
+    assert keeper.problem(KEY) is None
+
+
+async def test_an_idle_healthy_key_stays_ready_without_renewals(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    keeper = make_keeper(idle_after=600)
+    keeper.prefetch(KEY)
+    await settle()
+    for _ in range(48):  # two days of readiness probes only
+        await advance(clock, 3600)
+        assert keeper.problem(KEY) is None
+    assert fetch.calls == 1  # nobody used it: no renewal spent quota
+    assert await keeper.fetch(KEY)  # the next request fetches on demand
+    assert fetch.calls == 2
+
+
 # After an upstream 401.
 
 
-async def test_drop_forgets_only_the_current_token_and_only_once_it_is_old_enough(
-    make_keeper: MakeKeeper, clock: FakeClock
+async def test_drop_forgets_only_the_current_token_and_fetches_a_new_one(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
 ) -> None:
     keeper = make_keeper()
     token = await keeper.fetch(KEY)
@@ -496,27 +624,69 @@ async def test_drop_forgets_only_the_current_token_and_only_once_it_is_old_enoug
     assert keeper.cached(KEY) is token
 
     await advance(clock, MIN_AGE_TO_DROP_ON_401)
+    fetch.release.clear()
     assert keeper.drop(KEY, token)
     assert not keeper.drop(KEY, token)
     assert keeper.cached(KEY) is None
-    assert await keeper.fetch(KEY) is not token
+    await settle()
+    assert fetch.calls == 2  # the new token is on its way before anyone asks
+    fetch.release.set()
+    await settle()
+    renewed = keeper.cached(KEY)
+    assert renewed is not None
+    assert renewed is not token
+    assert keeper.problem(KEY) is None
+
+
+async def a_day_of_requests(keeper: TokenKeeper, clock: FakeClock, *, refused: bool) -> None:
+    """One request a minute for a day; each answered 401 by the upstream when `refused`."""
+    for _ in range(24 * 60):
+        await advance(clock, 60)
+        token = keeper.cached(KEY) or await keeper.fetch(KEY)
+        if refused:
+            keeper.drop(KEY, token)
+    await settle()
+
+
+async def test_an_upstream_that_refuses_every_token_does_not_eat_the_quota(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, caplog: pytest.LogCaptureFixture
+) -> None:
+    healthy = make_keeper()
+    await a_day_of_requests(healthy, clock, refused=False)
+    renewals = fetch.calls
+
+    fetch.calls = 0
+    refusing = make_keeper()
+    await a_day_of_requests(refusing, clock, refused=True)
+    # Drops soon after drops double the wait, from a minute to an hour: a handful a day.
+    assert fetch.calls <= renewals + 12
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "check the audience" in errors[0].getMessage()
+    assert MAX_AGE_TO_DROP_ON_401 == 3600
+
+
+async def test_a_closed_keeper_fetches_nothing(make_keeper: MakeKeeper, fetch: Fetch) -> None:
+    keeper = make_keeper()
+    await keeper.close()
+    with pytest.raises(TokenEndpointUnreachable, match="stopping"):
+        await keeper.fetch(KEY)
+    assert fetch.calls == 0
 
 
 # Readiness.
 
 
-async def test_has_usable_follows_the_token(
+async def test_readiness_follows_the_token(
     make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
 ) -> None:
     keeper = make_keeper()
-    assert not keeper.has_usable(KEY)
+    assert keeper.problem(KEY) is None  # a key nobody asked for is nobody's problem
     fetch.release.clear()
     keeper.prefetch(KEY)
     await settle()
-    assert not keeper.has_usable(KEY)
+    assert keeper.problem(KEY) == "no token yet"
     fetch.release.set()
     await settle()
-    assert keeper.has_usable(KEY)
+    assert keeper.problem(KEY) is None
     assert fetch.calls == 1
-    await advance(clock, 3600)
-    assert not keeper.has_usable(KEY)
