@@ -35,8 +35,9 @@ from proxy.forwarder import (
     strip_server_defaults,
 )
 from proxy.metrics import Metrics, TokenMetrics, method_label
-from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
-from proxy.tokens import Clock, SystemClock, TokenKeeper, TokenKey
+from proxy.routes import Destination, Router
+from proxy.token_endpoint import TokenEndpoint, client_of, new_token_session, token_key
+from proxy.tokens import Clock, RenewalPolicy, SystemClock, Token, TokenKeeper, TokenKey
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -63,6 +64,8 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 TOKENS = web.AppKey("tokens", TokenKeeper)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+ROUTER = web.AppKey("router", Router)
+DESTINATION = web.RequestKey("destination", Destination)
 IN_FLIGHT: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("in_flight")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -82,6 +85,7 @@ def create_proxy_app(
     app[LIFECYCLE] = lifecycle
     app[CLOCK] = clock or SystemClock()
     app[IN_FLIGHT] = set()
+    app[ROUTER] = Router(settings)
     app.cleanup_ctx.append(_clients)
     app.on_response_prepare.append(strip_server_defaults)
     # [\s\S]: a path may hold any character once percent-decoded, a newline included.
@@ -90,51 +94,62 @@ def create_proxy_app(
 
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
-    settings, metrics, auth = app[SETTINGS], app[METRICS], app[SETTINGS].auth
+    settings, metrics, clock = app[SETTINGS], app[METRICS], app[CLOCK]
+    router = app[ROUTER]
     token_session = new_token_session()
-    upstream_session = new_upstream_session(settings.upstream)
-    endpoint = TokenEndpoint(token_session, auth, metrics, clock=app[CLOCK])
+    upstream_session = new_upstream_session()
+    endpoints, policies = {}, {}
+    for tenant in router.tenants.values():
+        auth = tenant.auth
+        client = client_of(token_key(auth))
+        endpoints[client] = TokenEndpoint(token_session, auth, metrics, clock=clock)
+        policies[client] = RenewalPolicy(auth.refresh_margin, auth.refresh_at, auth.idle_after)
+
+    async def fetch(key: TokenKey) -> Token:
+        return await endpoints[client_of(key)].fetch(key)
+
     tokens = TokenKeeper(
-        endpoint.fetch,
-        refresh_margin=auth.refresh_margin,
-        refresh_at=auth.refresh_at,
-        idle_after=auth.idle_after,
-        clock=app[CLOCK],
+        fetch,
+        policy=lambda key: policies[client_of(key)],
+        clock=clock,
         events=TokenMetrics(metrics),
     )
-    key = token_key(auth)
     app[TOKENS] = tokens
     app[FORWARDER] = Forwarder(
-        upstream_session,
-        settings.upstream,
-        tokens,
-        key,
-        metrics,
-        replay_body_limit=settings.replay_body_limit,
+        upstream_session, tokens, metrics, replay_body_limit=settings.replay_body_limit
     )
-    if auth.prefetch:
+    keys = router.default_keys()
+    prefetched = [key for key in keys if router.tenant_of(key).auth.prefetch]
+    for key in prefetched:
         tokens.prefetch(key)
-    app[LIFECYCLE].token_problem = lambda: token_problem(tokens, key, prefetch=auth.prefetch)
+    app[LIFECYCLE].token_problem = lambda: token_problem(tokens, keys, prefetched)
     yield
     await tokens.close()
     await upstream_session.close()
     await token_session.close()
 
 
-def token_problem(tokens: TokenKeeper, key: TokenKey, *, prefetch: bool) -> str | None:
-    """Why requests for `key` cannot be served now, for `/readyz`; None when they can.
+def token_problem(
+    tokens: TokenKeeper, keys: list[TokenKey], prefetched: list[TokenKey]
+) -> str | None:
+    """Why requests cannot be served now, for `/readyz`; None when they can.
 
-    With `prefetch`, the proxy is not ready until it holds a token and while it has none
-    it can use; without, only rejected credentials make it unready.
+    A route's token fetched at start must be in hand; no route's credentials may be
+    rejected.
     """
-    problem = tokens.problem(key)
-    if problem is None or prefetch or isinstance(tokens.failure(key), CredentialsRejected):
-        return problem
-    return None
+    problems = []
+    for key in keys:
+        problem = tokens.problem(key)
+        if problem is None:
+            continue
+        if key in prefetched or isinstance(tokens.failure(key), CredentialsRejected):
+            label = f"tenant {key.tenant}" + (f" ({key.scopes_label})" if key.scopes else "")
+            problems.append(problem if len(keys) == 1 else f"{label}: {problem}")
+    return "; ".join(problems) or None
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARDER].forward(request)
+    return await request.app[FORWARDER].forward(request, request[DESTINATION])
 
 
 @web.middleware
@@ -164,7 +179,9 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
 
 def _count(request: web.Request, started: float, status: int) -> None:
     metrics = request.app[METRICS]
-    tenant = request.app[SETTINGS].auth.tenant
+    destination = request.get(DESTINATION)
+    # A request that found no route has no tenant: "" keeps the label set bounded.
+    tenant = "" if destination is None else destination.key.tenant
     method = method_label(request.method)
     metrics.request_duration.labels(tenant, method).observe(time.perf_counter() - started)
     metrics.requests.labels(tenant, method, str(status)).inc()
@@ -173,6 +190,7 @@ def _count(request: web.Request, started: float, status: int) -> None:
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         check_request(request)
+        request[DESTINATION] = request.app[ROUTER].route(request)
         return await handler(request)
     except ProxyError as exc:
         # The client's own mistakes, and the waiters of a token fetch the token cache has

@@ -17,7 +17,7 @@ from typing import TextIO
 import aiohttp
 
 from proxy import __version__
-from proxy.config import ListenAddress, Settings, load_settings, parse_listen_address
+from proxy.config import ListenAddress, Settings, Tenant, load_settings, parse_listen_address
 from proxy.demo import run_demo
 from proxy.errors import ConfigError, ListenError, TokenUnavailable, describe_client_error
 from proxy.forwarder import new_upstream_session
@@ -108,41 +108,57 @@ def _configure_logging(level: int) -> None:
 
 
 async def check(settings: Settings, out: TextIO) -> int:
-    """Fetch a token and call `GET /version` with it, the documented way to test a token."""
-    auth = settings.auth
-    async with new_token_session() as token_session:
-        endpoint = TokenEndpoint(token_session, auth, Metrics())
-        try:
-            token = await endpoint.fetch(token_key(auth))
-        except TokenUnavailable as exc:
-            out.write(f"FAILED: no token. {exc}\n")
-            return EXIT_FAILED
+    """For each tenant, fetch a token and call `GET /version` with it, the documented way
+    to test a token."""
+    failed = False
+    async with new_token_session() as token_session, new_upstream_session() as session:
+        for tenant in settings.all_tenants().values():
+            failed |= not await _check_tenant(tenant, token_session, session, out)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _check_tenant(
+    tenant: Tenant,
+    token_session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession,
+    out: TextIO,
+) -> bool:
+    auth = tenant.auth
+    endpoint = TokenEndpoint(token_session, auth, Metrics())
+    try:
+        token = await endpoint.fetch(token_key(auth))
+    except TokenUnavailable as exc:
+        out.write(f"FAILED: no token for tenant {auth.tenant}. {exc}\n")
+        return False
     scopes = " ".join(auth.scopes) if auth.scopes else "all"
     out.write(
         f"ok: token for tenant {auth.tenant} (scopes: {scopes}) from {auth.resolved_token_url}, "
         f"valid for {token.lifetime:.0f} s\n"
     )
 
-    url = f"{settings.upstream.url}/version"
-    async with new_upstream_session(settings.upstream) as session:
-        try:
-            async with session.get(
-                url,
-                headers={"Authorization": token.authorization.get_secret_value()},
-                allow_redirects=False,  # as `run` does: a redirect is the upstream's answer
-            ) as response:
-                status = response.status
-                location = response.headers.get("Location")
-                answer = await response.content.read(_SHOWN_BYTES)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            out.write(f"FAILED: GET {url}: {describe_client_error(exc)}\n")
-            return EXIT_FAILED
+    url = f"{tenant.upstream.url}/version"
+    upstream = tenant.upstream
+    try:
+        async with session.get(
+            url,
+            headers={"Authorization": token.authorization.get_secret_value()},
+            allow_redirects=False,  # as `run` does: a redirect is the upstream's answer
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=upstream.connect_timeout, sock_read=upstream.read_timeout
+            ),
+        ) as response:
+            status = response.status
+            location = response.headers.get("Location")
+            answer = await response.content.read(_SHOWN_BYTES)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        out.write(f"FAILED: GET {url}: {describe_client_error(exc)}\n")
+        return False
 
     shown = " ".join(answer.decode("utf-8", "replace").split())
     if location is not None:
         shown = f"redirect to {location!r}"
     if status != 200:
         out.write(f"FAILED: GET {url} answered {status}: {shown}\n")
-        return EXIT_FAILED
+        return False
     out.write(f"ok: GET {url} answered 200: {shown}\n")
-    return EXIT_OK
+    return True

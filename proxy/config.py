@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -193,14 +194,7 @@ class AuthSettings(_Section):
     @field_validator("scopes")
     @classmethod
     def _normalise_scopes(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        if value is None:
-            return None
-        if not value:
-            raise ValueError("must name at least one scope; omit the key for all scopes")
-        for scope in value:
-            if not _SCOPE_TOKEN.fullmatch(scope):
-                raise ValueError(f"{scope!r} is not a valid scope name")
-        return tuple(sorted(set(value)))
+        return _scope_set(value)
 
     @model_validator(mode="after")
     def _check_choices(self) -> AuthSettings:
@@ -223,15 +217,126 @@ class AuthSettings(_Section):
         return self.client_secret
 
 
+def _scope_set(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """A configured scope set, sorted and without repeats; None stands for all scopes."""
+    if value is None:
+        return None
+    if not value:
+        raise ValueError("must name at least one scope; omit the key for all scopes")
+    for scope in value:
+        if not _SCOPE_TOKEN.fullmatch(scope):
+            raise ValueError(f"{scope!r} is not a valid scope name")
+    return tuple(sorted(set(value)))
+
+
+ScopeSet = Annotated[tuple[str, ...] | None, AfterValidator(_scope_set)]
+
+
+class TenantSettings(_Section):
+    """One tenant of `tenants:`: its credentials and, if it differs, its upstream."""
+
+    auth: AuthSettings
+    upstream: UpstreamSettings | None = None
+
+
+class RouteSettings(_Section):
+    """How requests find their tenant and scope set; a route matches when all it names does.
+
+    `listen`: the request came to this extra listener (a route without one serves the main
+    `listen`); `prefix`: the path starts with it (stripped before forwarding); `header`:
+    the X-Skill-Engine-Tenant header names the tenant. `scopes` are those requests may ask
+    for, and get when they do not ask.
+    """
+
+    listen: Listen | None = None
+    prefix: str | None = None
+    header: bool = False
+    tenant: str | None = None
+    scopes: ScopeSet = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/") or any(c in value for c in "?# \t"):
+            raise ValueError(f"must be a path such as /acme, got {value!r}")
+        stripped = value.rstrip("/")
+        if not stripped:
+            raise ValueError("must not be / alone: leave prefix out to match every path")
+        return stripped
+
+    @model_validator(mode="after")
+    def _check_tenant(self) -> RouteSettings:
+        if self.header and self.tenant is not None:
+            raise ValueError("a header route takes its tenant from X-Skill-Engine-Tenant")
+        if not self.header and self.tenant is None:
+            raise ValueError("name a tenant, or set header: true")
+        return self
+
+
+class TokenStoreSettings(_Section):
+    """Where tokens live: this process, this node (files), or the fleet (Redis)."""
+
+    backend: Literal["memory", "file", "redis"] = "memory"
+    path: Path = Path("/tmp/skill-engine-proxy")  # noqa: S108 - the contract's default
+    url: str = "redis://127.0.0.1:6379/0"
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        try:
+            url = URL(value)
+        except ValueError:
+            raise ValueError("is not a valid URL") from None
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {url.scheme!r}")
+        return value
+
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A tenant as the proxy uses it: its name in the config, credentials and upstream."""
+
+    name: str
+    auth: AuthSettings
+    upstream: UpstreamSettings
+
+
 class Settings(_Section):
     """The whole config file."""
 
     listen: Listen = ListenAddress(host="127.0.0.1", port=8080)
     admin_listen: Listen | None = ListenAddress(host="127.0.0.1", port=9090)
-    upstream: UpstreamSettings
-    auth: AuthSettings
+    upstream: UpstreamSettings | None = None
+    auth: AuthSettings | None = None
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    routes: tuple[RouteSettings, ...] = ()
+    token_store: TokenStoreSettings = TokenStoreSettings()
     replay_body_limit: Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=0)] = 65536
     """Largest request body (bytes, known length) kept to replay after an upstream 401."""
+
+    def all_tenants(self) -> dict[str, Tenant]:
+        """Every tenant by name; the top-level auth and upstream are "default"."""
+        tenants = {}
+        if self.auth is not None:
+            assert self.upstream is not None, "checked at load"
+            tenants[DEFAULT_TENANT] = Tenant(DEFAULT_TENANT, self.auth, self.upstream)
+        for name, tenant in self.tenants.items():
+            upstream = tenant.upstream or self.upstream
+            assert upstream is not None, "checked at load"
+            tenants[name] = Tenant(name, tenant.auth, upstream)
+        return tenants
+
+    def all_routes(self) -> tuple[RouteSettings, ...]:
+        """The routes, or with none configured, one that sends everything to the only tenant."""
+        if self.routes:
+            return self.routes
+        (only,) = self.all_tenants()
+        return (RouteSettings(tenant=only),)
 
 
 def load_settings(
@@ -245,7 +350,68 @@ def load_settings(
         settings = Settings.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError(file, [_describe(error) for error in exc.errors()]) from None
-    return _with_secret_file_read(settings, file=file)
+    problems = _cross_check(settings)
+    if problems:
+        raise ConfigError(file, problems)
+    return _with_secret_files_read(settings, file=file)
+
+
+def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
+    """What no single section can check: tenants, their upstreams, and the routes to them."""
+    problems: list[tuple[str | None, str]] = []
+    if settings.auth is None and not settings.tenants:
+        problems.append(("auth", "field required (or name tenants under tenants:)"))
+    if settings.auth is not None and settings.upstream is None:
+        problems.append(("upstream", "field required"))
+    if settings.auth is not None and DEFAULT_TENANT in settings.tenants:
+        problems.append(
+            (f"tenants.{DEFAULT_TENANT}", "the top-level auth is the tenant named default")
+        )
+    for name, tenant in settings.tenants.items():
+        if tenant.upstream is None and settings.upstream is None:
+            problems.append((f"tenants.{name}.upstream", "field required (no top-level upstream)"))
+    if problems:
+        return problems
+
+    tenants = settings.all_tenants()
+    if not settings.routes and len(tenants) > 1:
+        problems.append(("routes", "field required when several tenants are configured"))
+    taken = {str(settings.listen)} | (
+        set() if settings.admin_listen is None else {str(settings.admin_listen)}
+    )
+    for index, route in enumerate(settings.routes):
+        key = f"routes[{index}]"
+        if route.tenant is not None and route.tenant not in tenants:
+            known = ", ".join(sorted(tenants))
+            problems.append((f"{key}.tenant", f"unknown tenant {route.tenant!r} (known: {known})"))
+            continue
+        if route.listen is not None:
+            if str(route.listen) in taken:
+                problems.append((f"{key}.listen", f"{route.listen} is already in use"))
+            taken.add(str(route.listen))
+        allowed = None if route.tenant is None else tenants[route.tenant].auth.scopes
+        if (
+            route.scopes is not None
+            and allowed is not None
+            and not set(route.scopes) <= set(allowed)
+        ):
+            problems.append(
+                (f"{key}.scopes", f"must be among the tenant's auth.scopes {list(allowed)}")
+            )
+
+    credentials: dict[tuple[str, str, str, str], str] = {}
+    for name, resolved in tenants.items():
+        auth = resolved.auth
+        identity = (auth.resolved_token_url, auth.client_id, auth.audience, auth.tenant)
+        if identity in credentials:
+            problems.append(
+                (
+                    f"tenants.{name}.auth",
+                    f"same token URL, client_id, audience and tenant as {credentials[identity]}",
+                )
+            )
+        credentials[identity] = name
+    return problems
 
 
 def _read_yaml(file: str) -> dict[str, Any]:
@@ -354,13 +520,23 @@ def _describe(error: Any) -> tuple[str | None, str]:
     return key or None, problem
 
 
-def _with_secret_file_read(settings: Settings, *, file: str) -> Settings:
-    auth = settings.auth
-    if auth.client_secret_file is None:
-        return settings
-    secret = read_secret_file(auth.client_secret_file, file=file, key="auth.client_secret_file")
-    auth = auth.model_copy(update={"client_secret": secret})
-    return settings.model_copy(update={"auth": auth})
+def _with_secret_files_read(settings: Settings, *, file: str) -> Settings:
+    def resolved(auth: AuthSettings, key: str) -> AuthSettings:
+        if auth.client_secret_file is None:
+            return auth
+        secret = read_secret_file(
+            auth.client_secret_file, file=file, key=f"{key}.client_secret_file"
+        )
+        return auth.model_copy(update={"client_secret": secret})
+
+    update: dict[str, Any] = {}
+    if settings.auth is not None:
+        update["auth"] = resolved(settings.auth, "auth")
+    update["tenants"] = {
+        name: tenant.model_copy(update={"auth": resolved(tenant.auth, f"tenants.{name}.auth")})
+        for name, tenant in settings.tenants.items()
+    }
+    return settings.model_copy(update=update)
 
 
 def read_secret_file(path: Path, *, file: str, key: str) -> SecretStr:

@@ -10,6 +10,8 @@
     ├── UpstreamUnreachable          502 upstream_unreachable
     ├── UpstreamTimeout              504 upstream_timeout
     ├── BadRequest                   400 bad_request
+    ├── NoRoute                      404 no_route
+    ├── ScopeNotAllowed              403 scope_not_allowed
     └── ClientGone                   the client hung up first; counted as 499, never sent
 
 Foreign exceptions (aiohttp's, the OS's) are translated into these once, where they happen;
@@ -108,6 +110,20 @@ class BadRequest(ProxyError):
 
     status = 400
     code = "bad_request"
+
+
+class NoRoute(ProxyError):
+    """No configured route matches the request."""
+
+    status = 404
+    code = "no_route"
+
+
+class ScopeNotAllowed(ProxyError):
+    """The request asked for scopes its route does not allow."""
+
+    status = 403
+    code = "scope_not_allowed"
 
 
 class ClientGone(ProxyError):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -30,7 +32,8 @@ from proxy.errors import (
     describe_client_error,
 )
 from proxy.metrics import Metrics
-from proxy.tokens import Token, TokenKeeper, TokenKey
+from proxy.routes import SCOPES_HEADER, TENANT_HEADER, Destination
+from proxy.tokens import Token, TokenKeeper
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -57,7 +60,14 @@ HOP_BY_HOP = frozenset(
 # - Authorization is replaced by exactly one bearer token (RFC 6750 2.1);
 # - Expect: 100-continue is answered by the proxy once it has a token and is about to
 #   forward (RFC 9110 10.1.1), so the upstream gets the body without a second wait.
-_REQUEST_FIELDS_NOT_FORWARDED = HOP_BY_HOP | {"host", "authorization", "expect"}
+# - X-Skill-Engine-Tenant and X-Skill-Engine-Scopes are the proxy's own routing headers.
+_REQUEST_FIELDS_NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "authorization",
+    "expect",
+    TENANT_HEADER.lower(),
+    SCOPES_HEADER.lower(),
+}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # What the proxy itself answers to OPTIONS with Max-Forwards: 0 (RFC 9110 7.6.2).
 _ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -152,14 +162,14 @@ def _holds_raw_bytes(value: str) -> bool:
     return any("\udc80" <= character <= "\udcff" for character in value)
 
 
-def new_upstream_session(upstream: UpstreamSettings) -> aiohttp.ClientSession:
-    """The one pooled session to the upstream: verified TLS, no cookie jar, bodies as sent."""
+def new_upstream_session() -> aiohttp.ClientSession:
+    """The one pooled session to the upstreams: verified TLS, no cookie jar, bodies as sent.
+
+    Each request carries its tenant's upstream timeouts.
+    """
     return aiohttp.ClientSession(
         # No pool limit: the proxy holds as many upstream connections as it has clients.
         connector=aiohttp.TCPConnector(limit=0),
-        timeout=aiohttp.ClientTimeout(
-            total=None, connect=upstream.connect_timeout, sock_read=upstream.read_timeout
-        ),
         # Nothing one caller receives may be replayed on another caller's request.
         cookie_jar=aiohttp.DummyCookieJar(),
         # Bodies pass through as received: a gzip body keeps its bytes and Content-Encoding.
@@ -297,90 +307,119 @@ class RequestBody:
             raise
 
 
+@dataclass
+class _TenantMetrics:
+    hits: Any
+    misses: Any
+    replayed: Any
+    passed: Any
+
+
+@dataclass
+class _Exchange:
+    """One request on its way: where it goes, and what is sent there."""
+
+    request: web.Request
+    destination: Destination
+    url: URL
+    headers: CIMultiDict[str]
+    body: RequestBody
+
+    @property
+    def upstream(self) -> UpstreamSettings:
+        return self.destination.tenant.upstream
+
+    @property
+    def tenant(self) -> str:
+        return self.destination.key.tenant
+
+
 class Forwarder:
-    """Forwards requests to one upstream with the token for one `TokenKey` attached."""
+    """Forwards requests to their tenant's upstream with the token for their key attached."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        upstream: UpstreamSettings,
         tokens: TokenKeeper,
-        key: TokenKey,
         metrics: Metrics,
         *,
         replay_body_limit: int,
     ) -> None:
         self._session = session
-        self._replay_body_limit = replay_body_limit
-        self._base = upstream.url
-        self._connect_timeout = upstream.connect_timeout
-        self._read_timeout = upstream.read_timeout
         self._tokens = tokens
-        self._key = key
-        self.tenant = key.tenant
-        self._cache_hits = metrics.token_cache_lookups.labels(key.tenant, "hit")
-        self._cache_misses = metrics.token_cache_lookups.labels(key.tenant, "miss")
-        self._upstream_errors = metrics.upstream_errors
-        self._unauthorized_replayed = metrics.upstream_unauthorized.labels(key.tenant, "replayed")
-        self._unauthorized_passed = metrics.upstream_unauthorized.labels(key.tenant, "passed")
+        self._metrics = metrics
+        self._replay_body_limit = replay_body_limit
+        self._by_tenant: dict[str, _TenantMetrics] = {}
 
-    async def forward(self, request: web.Request) -> web.StreamResponse:
+    async def forward(self, request: web.Request, destination: Destination) -> web.StreamResponse:
         """Forward `request` upstream and stream the answer back."""
-        url = self._upstream_url(request)
-        headers = self._upstream_headers(request)
+        upstream = destination.tenant.upstream
+        exchange = _Exchange(
+            request,
+            destination,
+            # encoded=True: path and query reach the upstream exactly as the client sent them.
+            URL(upstream.url + destination.path, encoded=True),
+            self._upstream_headers(request),
+            RequestBody(request, upstream.read_timeout, self._replay_body_limit),
+        )
         max_forwards = _max_forwards(request)
         if max_forwards == 0:
             # The proxy is the final recipient of this OPTIONS (RFC 9110 7.6.2).
             return web.Response(headers={hdrs.ALLOW: _ALLOWED_METHODS})
         if max_forwards is not None:
-            headers[hdrs.MAX_FORWARDS] = str(max_forwards - 1)
-        token = await self._token()
-        headers[hdrs.AUTHORIZATION] = token.authorization.get_secret_value()
+            exchange.headers[hdrs.MAX_FORWARDS] = str(max_forwards - 1)
+        token = await self._token(exchange)
+        exchange.headers[hdrs.AUTHORIZATION] = token.authorization.get_secret_value()
 
         if expects_continue(request):
             await request.writer.write(_CONTINUE)
-        body = RequestBody(request, self._read_timeout, self._replay_body_limit)
-        await self._read_body(request, body)
-        upstream = await self._send(request, url, headers, body)
-        if upstream.status == 401:
-            upstream = await self._after_unauthorized(request, url, headers, body, token, upstream)
+        await self._read_body(exchange)
+        answer = await self._send(exchange)
+        if answer.status == 401:
+            answer = await self._after_unauthorized(exchange, token, answer)
         try:
-            return await self._stream_back(request, upstream)
+            return await self._stream_back(exchange, answer)
         finally:
-            upstream.release()
+            answer.release()
+
+    def _counters(self, tenant: str) -> _TenantMetrics:
+        counters = self._by_tenant.get(tenant)
+        if counters is None:
+            lookups, unauthorized = (
+                self._metrics.token_cache_lookups,
+                self._metrics.upstream_unauthorized,
+            )
+            counters = self._by_tenant[tenant] = _TenantMetrics(
+                lookups.labels(tenant, "hit"),
+                lookups.labels(tenant, "miss"),
+                unauthorized.labels(tenant, "replayed"),
+                unauthorized.labels(tenant, "passed"),
+            )
+        return counters
 
     async def _after_unauthorized(
-        self,
-        request: web.Request,
-        url: URL,
-        headers: CIMultiDict[str],
-        body: RequestBody,
-        token: Token,
-        first: aiohttp.ClientResponse,
+        self, exchange: _Exchange, token: Token, first: aiohttp.ClientResponse
     ) -> aiohttp.ClientResponse:
         """A 401 means the token is no good: drop it and, when the body can be sent again,
         send the request once more with a new token. Otherwise the 401 goes to the client."""
-        self._tokens.drop(self._key, token)
-        if not body.replayable:
-            self._unauthorized_passed.inc()
+        key, counters = exchange.destination.key, self._counters(exchange.tenant)
+        self._tokens.drop(key, token)
+        if not exchange.body.replayable:
+            counters.passed.inc()
             return first
         try:
-            fresh = self._tokens.cached(self._key) or await self._tokens.fetch(self._key)
+            fresh = self._tokens.cached(key) or await self._tokens.fetch(key)
         except TokenUnavailable as exc:
             logger.warning("No new token to replay a request the upstream refused: %s", exc)
             fresh = token
         if fresh is token:
-            self._unauthorized_passed.inc()
+            counters.passed.inc()
             return first
 
         first.release()
-        headers[hdrs.AUTHORIZATION] = fresh.authorization.get_secret_value()
-        self._unauthorized_replayed.inc()
-        return await self._send(request, url, headers, body)
-
-    def _upstream_url(self, request: web.Request) -> URL:
-        # encoded=True: the path and query reach the upstream exactly as the client sent them.
-        return URL(self._base + request.raw_path, encoded=True)
+        exchange.headers[hdrs.AUTHORIZATION] = fresh.authorization.get_secret_value()
+        counters.replayed.inc()
+        return await self._send(exchange)
 
     def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
         try:
@@ -391,88 +430,103 @@ class Forwarder:
                 "forward them unchanged."
             ) from None
 
-    async def _token(self) -> Token:
-        token = self._tokens.cached(self._key)
+    async def _token(self, exchange: _Exchange) -> Token:
+        key, counters = exchange.destination.key, self._counters(exchange.tenant)
+        token = self._tokens.cached(key)
         if token is not None:
-            self._cache_hits.inc()
+            counters.hits.inc()
             return token
-        self._cache_misses.inc()
-        return await self._tokens.fetch(self._key)
+        counters.misses.inc()
+        return await self._tokens.fetch(key)
 
-    async def _read_body(self, request: web.Request, body: RequestBody) -> None:
+    async def _read_body(self, exchange: _Exchange) -> None:
         try:
-            await body.keep_if_small()
+            await exchange.body.keep_if_small()
         except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
-            raise self._client_failure(request, body) from exc
+            raise self._client_failure(exchange) from exc
 
-    async def _send(
-        self, request: web.Request, url: URL, headers: CIMultiDict[str], body: RequestBody
-    ) -> aiohttp.ClientResponse:
+    async def _send(self, exchange: _Exchange) -> aiohttp.ClientResponse:
+        request = exchange.request
         try:
             return await self._session.request(
-                request.method, url, headers=headers, data=body.data(), allow_redirects=False
+                request.method,
+                exchange.url,
+                headers=exchange.headers,
+                data=exchange.body.data(),
+                allow_redirects=False,
+                timeout=_timeout(exchange.upstream),
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            if request.transport is None or body.failure is not None:
-                raise self._client_failure(request, body) from exc
-            raise self._failure(exc) from exc
+            if request.transport is None or exchange.body.failure is not None:
+                raise self._client_failure(exchange) from exc
+            raise self._failure(exchange, exc) from exc
 
-    def _client_failure(self, request: web.Request, body: RequestBody) -> ProxyError:
+    def _client_failure(self, exchange: _Exchange) -> ProxyError:
         """The error for a request whose client hung up or stopped sending its body."""
-        if request.transport is None:
+        if exchange.request.transport is None:
             # The client hung up, maybe mid-upload: not the upstream's failure.
             return ClientGone("The client closed the connection before the answer.")
-        if isinstance(body.failure, TimeoutError):
+        failure = exchange.body.failure
+        if isinstance(failure, TimeoutError):
             return BadRequest(
                 "The request body stopped arriving, or was malformed: nothing usable came "
-                f"for {self._read_timeout:g} s (upstream.read_timeout)."
+                f"for {exchange.upstream.read_timeout:g} s (upstream.read_timeout)."
             )
-        failure = body.failure or ConnectionError()
-        return BadRequest(f"The request body could not be read: {describe_client_error(failure)}.")
+        return BadRequest(
+            "The request body could not be read: "
+            f"{describe_client_error(failure or ConnectionError())}."
+        )
 
-    def _failure(self, exc: BaseException) -> UpstreamUnreachable | UpstreamTimeout:
+    def _failure(
+        self, exchange: _Exchange, exc: BaseException
+    ) -> UpstreamUnreachable | UpstreamTimeout:
         reason = upstream_error_reason(exc)
-        self._upstream_errors.labels(self.tenant, reason).inc()
+        self._metrics.upstream_errors.labels(exchange.tenant, reason).inc()
+        upstream = exchange.upstream
         if reason == "timeout":
             limit = (
-                f"connect_timeout ({self._connect_timeout:g} s)"
+                f"connect_timeout ({upstream.connect_timeout:g} s)"
                 if isinstance(exc, aiohttp.ConnectionTimeoutError)
-                else f"read_timeout ({self._read_timeout:g} s)"
+                else f"read_timeout ({upstream.read_timeout:g} s)"
             )
-            return UpstreamTimeout(f"The upstream {self._base} did not answer within {limit}.")
+            return UpstreamTimeout(f"The upstream {upstream.url} did not answer within {limit}.")
         return UpstreamUnreachable(
-            f"The upstream {self._base} could not be reached ({reason}): "
+            f"The upstream {upstream.url} could not be reached ({reason}): "
             f"{describe_client_error(exc)}."
         )
 
+    def _unrelayable(self, exchange: _Exchange, what: str) -> UpstreamUnreachable:
+        self._metrics.upstream_errors.labels(exchange.tenant, "protocol").inc()
+        return UpstreamUnreachable(
+            f"The upstream {exchange.upstream.url} answered with {what}, which the proxy "
+            "cannot relay intact."
+        )
+
     async def _stream_back(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, exchange: _Exchange, answer: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        if not 100 <= upstream.status <= 599 or not only_chunked(upstream.headers):
-            self._upstream_errors.labels(self.tenant, "protocol").inc()
-            raise UpstreamUnreachable(
-                f"The upstream {self._base} answered with status {upstream.status} or a "
-                "transfer coding other than chunked, which the proxy cannot relay intact."
-            )
+        request = exchange.request
+        if not 100 <= answer.status <= 599:
+            raise self._unrelayable(exchange, f"status {answer.status}")
+        if not only_chunked(answer.headers):
+            raise self._unrelayable(exchange, "a transfer coding other than chunked")
         try:
-            response = ForwardedResponse(upstream)
+            response = ForwardedResponse(answer)
         except UnrelayableHeader as exc:
-            self._upstream_errors.labels(self.tenant, "protocol").inc()
-            raise UpstreamUnreachable(
-                f"The upstream {self._base} answered with a {exc.name} header holding bytes "
-                "that are not UTF-8; the proxy cannot pass them on unchanged."
+            raise self._unrelayable(
+                exchange, f"a {exc.name} header holding bytes that are not UTF-8"
             ) from None
         try:
             await response.prepare(request)
             request[SENT_STATUS] = response.status
-            async for chunk in upstream.content.iter_any():
+            async for chunk in answer.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
         except ConnectionError:
             logger.debug("The client went away while its answer was streamed.")
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = upstream_error_reason(exc)
-            self._upstream_errors.labels(self.tenant, reason).inc()
+            self._metrics.upstream_errors.labels(exchange.tenant, reason).inc()
             logger.error(
                 "The upstream broke off its answer to %s %s (%s): %s",
                 request.method,
@@ -485,6 +539,12 @@ class Forwarder:
             if request.transport is not None:
                 request.transport.close()
         return response
+
+
+def _timeout(upstream: UpstreamSettings) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=None, connect=upstream.connect_timeout, sock_read=upstream.read_timeout
+    )
 
 
 def upstream_error_reason(exc: BaseException) -> str:

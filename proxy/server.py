@@ -13,7 +13,14 @@ import stat
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.app import IN_FLIGHT, Lifecycle, Phase, create_admin_app, create_proxy_app
+from proxy.app import (
+    IN_FLIGHT,
+    ROUTER,
+    Lifecycle,
+    Phase,
+    create_admin_app,
+    create_proxy_app,
+)
 from proxy.config import ListenAddress, Settings
 from proxy.errors import ListenError
 from proxy.metrics import Metrics
@@ -80,6 +87,7 @@ class ProxyServer:
         # the drain may have bound the same path since, and its socket must stay.
         self._unix_sockets: list[tuple[str, tuple[int, int]]] = []
         self.proxy_url = ""
+        self.route_urls: dict[ListenAddress, str] = {}
         self.admin_url: str | None = None
 
     async def start(self) -> None:
@@ -87,6 +95,9 @@ class ProxyServer:
         try:
             await self._proxy.setup()
             self.proxy_url = await self._bind(self._proxy, self.settings.listen)
+            for address in self._route_listeners():
+                url = await self._bind(self._proxy, address, route_listener=True)
+                self.route_urls[address] = url
             if self.settings.admin_listen is not None:
                 await self._admin.setup()
                 self.admin_url = await self._bind(self._admin, self.settings.admin_listen)
@@ -95,16 +106,18 @@ class ProxyServer:
             raise
         self.lifecycle.phase = Phase.SERVING
 
-        auth = self.settings.auth
+        extra = "".join(f", {url}" for url in self.route_urls.values())
+        tenants = self.settings.all_tenants().values()
         logger.info(
-            "Listening on %s (admin: %s), forwarding to %s with tokens from %s "
-            "for tenant %s, client_id %s",
+            "Listening on %s%s (admin: %s) for %s",
             self.proxy_url,
+            extra,
             self.admin_url or "disabled",
-            self.settings.upstream.url,
-            auth.resolved_token_url,
-            auth.tenant,
-            auth.client_id,
+            "; ".join(
+                f"tenant {tenant.auth.tenant} (client_id {tenant.auth.client_id}): forwarding "
+                f"to {tenant.upstream.url} with tokens from {tenant.auth.resolved_token_url}"
+                for tenant in tenants
+            ),
         )
 
     async def stop(self) -> None:
@@ -147,22 +160,40 @@ class ProxyServer:
                     os.unlink(path)
         self._unix_sockets.clear()
 
-    async def _bind(self, runner: web.AppRunner, address: ListenAddress) -> str:
-        """Start a site for `address` on `runner`; return the URL it really listens on."""
+    def _route_listeners(self) -> list[ListenAddress]:
+        addresses: list[ListenAddress] = []
+        for route in self.settings.all_routes():
+            if route.listen is not None and route.listen not in addresses:
+                addresses.append(route.listen)
+        return addresses
+
+    async def _bind(
+        self, runner: web.AppRunner, address: ListenAddress, *, route_listener: bool = False
+    ) -> str:
+        """Start a site for `address` on `runner`; return the URL it really listens on.
+
+        For a route's own listener, tell the router which sockets are that listener's.
+        """
         site: web.BaseSite
         if address.path is not None:
             _claim_unix_path(address)
             site = web.UnixSite(runner, address.path)
         else:
             site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        before = set(runner.addresses)
         try:
             await site.start()
         except OSError as exc:
             raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
+        bound = [name for name in runner.addresses if name not in before]
+        if route_listener:
+            router = self._proxy_app[ROUTER]
+            for name in bound:
+                router.bind(name[:2] if isinstance(name, tuple) else name, address)
         if address.path is not None:
             self._unix_sockets.append((address.path, _identity(address.path)))
             return f"unix:{address.path}"
-        host, port = runner.addresses[-1][:2]
+        host, port = bound[0][:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 

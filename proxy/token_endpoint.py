@@ -39,19 +39,24 @@ _REJECTION_ERRORS = frozenset(
 )
 
 
-def token_key(auth: AuthSettings) -> TokenKey:
-    """The cache key of the token `auth` asks for."""
+def token_key(auth: AuthSettings, scopes: tuple[str, ...] | None = None) -> TokenKey:
+    """The cache key of the token `auth` asks for, with `scopes` or else its own."""
     return TokenKey(
         token_url=auth.resolved_token_url,
         client_id=auth.client_id,
         audience=auth.audience,
         tenant=auth.tenant,
-        scopes=auth.scopes,
+        scopes=auth.scopes if scopes is None else scopes,
     )
 
 
-def token_request_body(auth: AuthSettings) -> dict[str, Any]:
-    """The documented client-credentials request; `scopes` only when configured."""
+def client_of(key: TokenKey) -> tuple[str, str, str, str]:
+    """Which client credentials a key's token is requested with (one set per tenant)."""
+    return key.token_url, key.client_id, key.audience, key.tenant
+
+
+def token_request_body(auth: AuthSettings, scopes: tuple[str, ...] | None) -> dict[str, Any]:
+    """The documented client-credentials request; `scopes` only when there are some."""
     body: dict[str, Any] = {
         "client_id": auth.client_id,
         "client_secret": auth.secret.get_secret_value(),
@@ -59,8 +64,8 @@ def token_request_body(auth: AuthSettings) -> dict[str, Any]:
         "grant_type": "client_credentials",
         "tenant": auth.tenant,
     }
-    if auth.scopes is not None:
-        body["scopes"] = list(auth.scopes)
+    if scopes is not None:
+        body["scopes"] = list(scopes)
     return body
 
 
@@ -107,7 +112,7 @@ class TokenEndpoint:
         return token
 
     async def _request(self, key: TokenKey) -> Token:
-        body = json.dumps(token_request_body(self._auth)).encode()
+        body = json.dumps(token_request_body(self._auth, key.scopes)).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         obtained_at = self._clock.now()
         wall_time = time.time()

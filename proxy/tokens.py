@@ -222,6 +222,16 @@ def _jwt_expiry(access_token: str) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
+@dataclass(frozen=True, slots=True)
+class RenewalPolicy:
+    """When one key's token is renewed: the config's auth.refresh_margin, auth.refresh_at
+    and auth.idle_after of its tenant."""
+
+    refresh_margin: float = 60.0
+    refresh_at: float = 0.8
+    idle_after: float = 3600.0
+
+
 class KeyPhase(enum.Enum):
     """Where the renewal of one key's token stands."""
 
@@ -238,6 +248,7 @@ class KeyPhase(enum.Enum):
 @dataclass(eq=False)
 class _KeyState:
     key: TokenKey
+    policy: RenewalPolicy
     phase: KeyPhase = KeyPhase.EMPTY
     token: Token | None = None
     usable_until: float = -math.inf
@@ -278,17 +289,13 @@ class TokenKeeper:
         self,
         fetch: Callable[[TokenKey], Awaitable[Token]],
         *,
-        refresh_margin: float,
-        refresh_at: float = 0.8,
-        idle_after: float = 3600.0,
+        policy: Callable[[TokenKey], RenewalPolicy],
         clock: Clock | None = None,
         events: TokenEvents | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._fetch = fetch
-        self._refresh_margin = refresh_margin
-        self._refresh_at = refresh_at
-        self._idle_after = idle_after
+        self._policy = policy
         self._clock = clock or SystemClock()
         self._events = events or NoEvents()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -427,7 +434,7 @@ class TokenKeeper:
     def _state(self, key: TokenKey) -> _KeyState:
         state = self._states.get(key)
         if state is None:
-            state = self._states[key] = _KeyState(key)
+            state = self._states[key] = _KeyState(key, self._policy(key))
             state.worker = asyncio.create_task(self._work(state), name=f"tokens:{key.tenant}")
         state.last_used = self._clock.now()
         if state.parked:
@@ -470,7 +477,7 @@ class TokenKeeper:
             self._events.retried(state.key, state.failure.reason)
         try:
             token = await self._fetch(state.key)
-            if self._usable_until(token) <= self._clock.now():
+            if self._usable_until(state, token) <= self._clock.now():
                 raise BadTokenResponse(
                     "The token endpoint took longer to answer than its token may be used "
                     f"({token.lifetime:.0f} s minus the refresh margin)."
@@ -493,8 +500,8 @@ class TokenKeeper:
         state.phase = KeyPhase.VALID
         state.token = token
         state.fetched = True
-        state.usable_until = self._usable_until(token)
-        state.refresh_at = self._refresh_time(token, state.usable_until)
+        state.usable_until = self._usable_until(state, token)
+        state.refresh_at = self._refresh_time(state, token)
         state.failure = None
         state.failures = 0
         state.retry_at = -math.inf
@@ -508,14 +515,15 @@ class TokenKeeper:
             token.fingerprint,
         )
         lifetime = token.expires_at - token.obtained_at
-        if lifetime <= 2 * self._refresh_margin and not state.short_warned:
+        margin = state.policy.refresh_margin
+        if lifetime <= 2 * margin and not state.short_warned:
             state.short_warned = True
             logger.warning(
                 "The token for tenant %s lives %.0f s, less than twice auth.refresh_margin "
                 "(%.0f s); it is used for half its lifetime instead.",
                 key.tenant,
                 lifetime,
-                self._refresh_margin,
+                margin,
             )
         skew = token.exp_skew
         if skew is not None and abs(skew) > _CLOCK_SKEW_WARNING and not state.skew_warned:
@@ -578,18 +586,18 @@ class TokenKeeper:
         delay = self._rng.uniform(0, ceiling)
         return max(delay, retry_after or 0.0)
 
-    def _usable_until(self, token: Token) -> float:
+    def _usable_until(self, state: _KeyState, token: Token) -> float:
         lifetime = token.expires_at - token.obtained_at
         # A margin as long as the lifetime would make a token useless on arrival, and a
         # nearly as long one would renew it every few seconds: use half the life at most.
-        return token.expires_at - min(self._refresh_margin, lifetime / 2)
+        return token.expires_at - min(state.policy.refresh_margin, lifetime / 2)
 
-    def _refresh_time(self, token: Token, usable_until: float) -> float:
+    def _refresh_time(self, state: _KeyState, token: Token) -> float:
         lifetime = token.expires_at - token.obtained_at
-        fraction = self._refresh_at * self._rng.uniform(1 - _REFRESH_JITTER, 1)
+        fraction = state.policy.refresh_at * self._rng.uniform(1 - _REFRESH_JITTER, 1)
         # Never later than a little before the margin: a request arriving right then must
         # find the renewal under way, not wait for it.
-        latest = usable_until - lifetime * _REFRESH_JITTER
+        latest = state.usable_until - lifetime * _REFRESH_JITTER
         return min(token.obtained_at + lifetime * fraction, latest)
 
     async def _work(self, state: _KeyState) -> None:
@@ -612,7 +620,8 @@ class TokenKeeper:
         due = self._due(state)
         if due is None or now < due:
             return
-        if now - state.last_used >= self._idle_after and not (state.kept and state.is_failing()):
+        idle = now - state.last_used >= state.policy.idle_after
+        if idle and not (state.kept and state.is_failing()):
             # Nobody asked for this key lately: spend no quota on it until someone does.
             # A failing key readiness depends on is retried all the same, so that the
             # proxy becomes ready again by itself when the token endpoint recovers.

@@ -302,3 +302,97 @@ def test_a_token_url_query_is_not_echoed(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, text))
     assert "must not have a query" in message
     assert "q-secret" not in message
+
+
+TENANTS = """\
+upstream:
+  url: https://skill-engine.example
+tenants:
+  acme:
+    auth: {region: eu, client_id: acme-id, client_secret: a, audience: eu3, tenant: acme,
+           scopes: [read, write]}
+  beta:
+    auth: {region: us, client_id: beta-id, client_secret: b, audience: us1, tenant: beta}
+    upstream: {url: https://beta.example}
+routes:
+  - {listen: 127.0.0.1:8081, tenant: beta}
+  - {prefix: /acme/, tenant: acme, scopes: [read]}
+  - {header: true}
+"""
+
+
+def test_several_tenants_and_routes(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, TENANTS), {})
+    tenants = settings.all_tenants()
+    assert sorted(tenants) == ["acme", "beta"]
+    assert tenants["acme"].upstream.url == "https://skill-engine.example"
+    assert tenants["beta"].upstream.url == "https://beta.example"
+    assert settings.routes[1].prefix == "/acme"
+    assert settings.routes[0].listen == ListenAddress("127.0.0.1", 8081)
+
+
+def test_the_single_tenant_config_is_one_default_tenant(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL), {"SECRET_VAR": SECRET})
+    [default] = settings.all_tenants().values()
+    assert default.name == "default"
+    [route] = settings.all_routes()
+    assert route.tenant == "default"
+    assert route.prefix is None
+    assert route.listen is None
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("tenant: beta}", "tenant: gamma}"), "routes[0].tenant: unknown tenant 'gamma'"),
+        (("{header: true}", "{header: true, tenant: acme}"), "routes[2]: a header route takes"),
+        (("{header: true}", "{prefix: /x}"), "routes[2]: name a tenant, or set header: true"),
+        (("routes:\n", "unused:\n"), "unknown key"),
+        (("prefix: /acme/", "prefix: acme"), "routes[1].prefix: must be a path"),
+        (("prefix: /acme/", "prefix: /"), "routes[1].prefix: must not be / alone"),
+        (("scopes: [read]}", "scopes: [read_reports]}"), "routes[1].scopes: must be among"),
+        (("127.0.0.1:8081", "127.0.0.1:8080"), "routes[0].listen: 127.0.0.1:8080 is already in"),
+        (("upstream:\n  url: https://skill-engine.example\n", ""), "tenants.acme.upstream"),
+        (("client_id: beta-id", "client_id: acme-id"), None),
+    ],
+)
+def test_tenant_and_route_errors_name_the_key(
+    tmp_path: Path, change: tuple[str, str], expected: str | None
+) -> None:
+    text = TENANTS.replace(*change)
+    if expected is None:  # a different region: not the same client, so fine
+        assert load_settings(write(tmp_path, text), {})
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text), {})
+    assert expected in str(caught.value)
+
+
+def test_several_tenants_need_routes(tmp_path: Path) -> None:
+    text = TENANTS[: TENANTS.index("routes:")]
+    with pytest.raises(ConfigError, match="routes: field required when several tenants"):
+        load_settings(write(tmp_path, text), {})
+
+
+def test_the_same_client_twice_is_an_error(tmp_path: Path) -> None:
+    text = TENANTS.replace(
+        "region: us, client_id: beta-id, client_secret: b, audience: us1, tenant: beta",
+        "region: eu, client_id: acme-id, client_secret: c, audience: eu3, tenant: acme",
+    )
+    with pytest.raises(ConfigError, match=r"tenants\.beta\.auth: same token URL, client_id"):
+        load_settings(write(tmp_path, text), {})
+
+
+def test_default_is_the_name_of_the_top_level_tenant(tmp_path: Path) -> None:
+    text = MINIMAL + "tenants:\n  default:\n    auth: {region: eu, client_id: x, client_secret: y,"
+    text += " audience: z, tenant: t}\nroutes: [{tenant: default}]\n"
+    with pytest.raises(ConfigError, match=r"tenants\.default: the top-level auth is the tenant"):
+        load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+
+
+def test_tenant_secret_files_are_read(tmp_path: Path) -> None:
+    secret_file = tmp_path / "beta-secret"
+    secret_file.write_text("from-a-file\n")
+    text = TENANTS.replace("client_secret: b,", f"client_secret_file: {secret_file},")
+    settings = load_settings(write(tmp_path, text), {})
+    assert settings.all_tenants()["beta"].auth.secret.get_secret_value() == "from-a-file"

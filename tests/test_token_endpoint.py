@@ -88,7 +88,7 @@ def test_each_region_sends_the_same_body_to_its_own_url(
             "scopes": scopes,
         }
     )
-    body = token_request_body(auth)
+    body = token_request_body(auth, auth.scopes)
     assert auth.resolved_token_url == url
     assert token_key(auth).token_url == url
     assert list(body) == ["client_id", "client_secret", "audience", "grant_type", "tenant"] + (

@@ -22,6 +22,7 @@ from proxy.tokens import (
     MAX_AGE_TO_DROP_ON_401,
     MIN_AGE_TO_DROP_ON_401,
     REJECTED_COOL_DOWN,
+    RenewalPolicy,
     Token,
     TokenKeeper,
     TokenKey,
@@ -107,9 +108,9 @@ async def make_keeper(clock: FakeClock, fetch: Fetch, events: Events) -> AsyncIt
     keepers: list[TokenKeeper] = []
 
     def make(**options: Any) -> TokenKeeper:
-        settings: dict[str, Any] = {"refresh_margin": 60, "refresh_at": 0.8, "idle_after": 3600}
+        policy = RenewalPolicy(**options)
         keeper = TokenKeeper(
-            fetch, clock=clock, events=events, rng=UpperJitter(), **{**settings, **options}
+            fetch, policy=lambda _key: policy, clock=clock, events=events, rng=UpperJitter()
         )
         keepers.append(keeper)
         return keeper
