@@ -36,8 +36,17 @@ from proxy.forwarder import (
 )
 from proxy.metrics import Metrics, TokenMetrics, method_label
 from proxy.routes import Destination, Router
+from proxy.store import open_store
 from proxy.token_endpoint import TokenEndpoint, client_of, new_token_session, token_key
-from proxy.tokens import Clock, RenewalPolicy, SystemClock, Token, TokenKeeper, TokenKey
+from proxy.tokens import (
+    Clock,
+    Freshness,
+    RenewalPolicy,
+    SystemClock,
+    Token,
+    TokenKeeper,
+    TokenKey,
+)
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -96,6 +105,15 @@ def create_proxy_app(
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     settings, metrics, clock = app[SETTINGS], app[METRICS], app[CLOCK]
     router = app[ROUTER]
+    secrets = {
+        client_of(token_key(tenant.auth)): tenant.auth.secret for tenant in router.tenants.values()
+    }
+    store = open_store(
+        settings.token_store,
+        metrics,
+        clock,
+        lambda key: secrets[client_of(key)].get_secret_value(),
+    )
     token_session = new_token_session()
     upstream_session = new_upstream_session()
     endpoints, policies = {}, {}
@@ -108,8 +126,11 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     async def fetch(key: TokenKey) -> Token:
         return await endpoints[client_of(key)].fetch(key)
 
+    async def obtain(key: TokenKey, is_fresh: Freshness) -> Token:
+        return await store.obtain(key, is_fresh, fetch)
+
     tokens = TokenKeeper(
-        fetch,
+        obtain,
         policy=lambda key: policies[client_of(key)],
         clock=clock,
         events=TokenMetrics(metrics),
@@ -125,6 +146,7 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     app[LIFECYCLE].token_problem = lambda: token_problem(tokens, keys, prefetched)
     yield
     await tokens.close()
+    await store.close()
     await upstream_session.close()
     await token_session.close()
 

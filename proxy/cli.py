@@ -23,6 +23,7 @@ from proxy.errors import ConfigError, ListenError, TokenUnavailable, describe_cl
 from proxy.forwarder import new_upstream_session
 from proxy.metrics import Metrics
 from proxy.server import serve
+from proxy.store import TokenStoreError
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
 
 CONFIG_VARIABLE = "SKILL_ENGINE_PROXY_CONFIG"
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"skill-engine-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except ListenError as exc:
+    except (ListenError, TokenStoreError) as exc:
         print(f"skill-engine-proxy: {exc}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -101,6 +101,12 @@ class Metrics:
             ["tenant", "outcome"],
             registry=registry,
         )
+        self.token_store_errors = Counter(
+            f"{PREFIX}_token_store_errors",
+            "Failures of the shared token store; the proxy fetched on its own meanwhile.",
+            ["backend"],
+            registry=registry,
+        )
         self.requests_in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being proxied now.",

@@ -66,6 +66,12 @@ _RETRY_UNDER_WAY = 1.0
 _REFRESH_JITTER = 0.05
 
 
+Freshness = Callable[["Token"], bool]
+"""Whether a token another process fetched is one the keeper would take instead of fetching."""
+Fetch = Callable[["TokenKey", Freshness], Awaitable["Token"]]
+"""Obtain a token for a key: from a shared store when it holds a fresh one, else by fetching."""
+
+
 class Clock(Protocol):
     """Monotonic time, and a way to wait for a moment of it."""
 
@@ -136,6 +142,46 @@ class Token:
     exp_skew: float | None = None
     """A JWT's `exp` minus the expiry `expires_in` gives, in seconds; None if not a JWT."""
     granted_scope: str = ""
+
+
+def token_record(token: Token) -> dict[str, Any]:
+    """`token` as plain data another process can read back (times on the wall clock)."""
+    lived = token.expires_at - token.obtained_at
+    return {
+        "access_token": token.authorization.get_secret_value().removeprefix("Bearer "),
+        "lifetime": token.lifetime,
+        "obtained_at_wall": token.expires_at_wall - lived,
+        "expires_at_wall": token.expires_at_wall,
+        "exp_skew": token.exp_skew,
+        "scope": token.granted_scope,
+    }
+
+
+def token_from_record(record: Any, *, now: float, wall_now: float) -> Token | None:
+    """The token `token_record` wrote, on this process's monotonic clock; None if the
+    record is not one."""
+    try:
+        access_token = record["access_token"]
+        obtained_at_wall = float(record["obtained_at_wall"])
+        expires_at_wall = float(record["expires_at_wall"])
+        lifetime = float(record["lifetime"])
+        skew = record.get("exp_skew")
+        scope = record.get("scope", "")
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(access_token, str) or not _B64TOKEN.fullmatch(access_token):
+        return None
+    obtained_at = now - (wall_now - obtained_at_wall)
+    return Token(
+        authorization=SecretStr(f"Bearer {access_token}"),
+        fingerprint=fingerprint(access_token),
+        lifetime=lifetime,
+        obtained_at=obtained_at,
+        expires_at=obtained_at + (expires_at_wall - obtained_at_wall),
+        expires_at_wall=expires_at_wall,
+        exp_skew=float(skew) if isinstance(skew, int | float) else None,
+        granted_scope=scope if isinstance(scope, str) else "",
+    )
 
 
 def fingerprint(token: str) -> str:
@@ -266,6 +312,8 @@ class _KeyState:
     """The worker found the key idle and waits for a request before renewing."""
     drop_min_age: float = MIN_AGE_TO_DROP_ON_401
     last_drop: float = -math.inf
+    refused: Token | None = None
+    """The last token the upstream refused: a shared store's copy of it is not taken."""
     expiry_reported: bool = False
     short_warned: bool = False
     skew_warned: bool = False
@@ -287,7 +335,7 @@ class TokenKeeper:
 
     def __init__(
         self,
-        fetch: Callable[[TokenKey], Awaitable[Token]],
+        fetch: Fetch,
         *,
         policy: Callable[[TokenKey], RenewalPolicy],
         clock: Clock | None = None,
@@ -410,6 +458,7 @@ class TokenKeeper:
             )
         state.last_drop = now
         state.token = None
+        state.refused = token
         state.usable_until = -math.inf
         state.refresh_at = math.inf
         if state.phase is KeyPhase.VALID:
@@ -476,7 +525,7 @@ class TokenKeeper:
         if state.failure is not None:
             self._events.retried(state.key, state.failure.reason)
         try:
-            token = await self._fetch(state.key)
+            token = await self._fetch(state.key, self._freshness(state))
             if self._usable_until(state, token) <= self._clock.now():
                 raise BadTokenResponse(
                     "The token endpoint took longer to answer than its token may be used "
@@ -493,6 +542,23 @@ class TokenKeeper:
             raise self._failed(state, unexpected) from None
         self._succeeded(state, token)
         return token
+
+    def _freshness(self, state: _KeyState) -> Freshness:
+        """Which token found in a shared store this key takes instead of fetching one: not
+        the token being replaced, and not yet due for renewal itself."""
+        replaced = state.token or state.refused
+
+        def is_fresh(token: Token) -> bool:
+            if replaced is not None and token.fingerprint == replaced.fingerprint:
+                return False
+            now = self._clock.now()
+            lifetime = token.expires_at - token.obtained_at
+            renew_from = token.obtained_at + lifetime * state.policy.refresh_at * (
+                1 - _REFRESH_JITTER
+            )
+            return now < min(renew_from, self._usable_until(state, token))
+
+        return is_fresh
 
     def _succeeded(self, state: _KeyState, token: Token) -> None:
         key = state.key

@@ -22,6 +22,7 @@ from proxy.tokens import (
     MAX_AGE_TO_DROP_ON_401,
     MIN_AGE_TO_DROP_ON_401,
     REJECTED_COOL_DOWN,
+    Freshness,
     RenewalPolicy,
     Token,
     TokenKeeper,
@@ -57,7 +58,7 @@ class Fetch:
         self.release.set()
         self.failures: list[TokenUnavailable] = []
 
-    async def __call__(self, key: TokenKey) -> Token:
+    async def __call__(self, key: TokenKey, is_fresh: Freshness) -> Token:
         self.calls += 1
         obtained_at = self.clock.now()
         await self.release.wait()

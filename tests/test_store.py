@@ -1,0 +1,387 @@
+"""Token stores: the file store across processes of one node, Redis across a fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from proxy.metrics import Metrics
+from proxy.store import FileStore, TokenStoreError, key_digest
+from proxy.tokens import SystemClock, Token, TokenKey, parse_token_response
+from tests.conftest import Standins
+from tests.support import proxy_command, settings_document, subprocess_env, write_config
+
+KEY = TokenKey("https://token.example/oauth/token", "client", "aud", "tenant", ("read",))
+
+
+def token(name: str, lifetime: float = 3600) -> Token:
+    return parse_token_response(
+        {"access_token": name, "expires_in": lifetime},
+        obtained_at=time.monotonic(),
+        wall_time=time.time(),
+        endpoint="E",
+    )
+
+
+class Fetches:
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def __call__(self, key: TokenKey) -> Token:
+        self.count += 1
+        return token(f"fetched-{self.count}")
+
+
+def everything(_token: Token) -> bool:
+    return True
+
+
+def nothing(_token: Token) -> bool:
+    return False
+
+
+# The file store, in this process.
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    return tmp_path / "tokens"
+
+
+async def test_a_fresh_stored_token_is_read_not_fetched(store_dir: Path) -> None:
+    fetches = Fetches()
+    first = FileStore(store_dir, Metrics(), SystemClock())
+    second = FileStore(store_dir, Metrics(), SystemClock())
+    fetched = await first.obtain(KEY, everything, fetches)
+    read = await second.obtain(KEY, everything, fetches)
+    assert fetches.count == 1
+    assert read.fingerprint == fetched.fingerprint
+    assert read.expires_at_wall == fetched.expires_at_wall
+
+
+async def test_a_stored_token_that_is_not_fresh_is_replaced(store_dir: Path) -> None:
+    fetches = Fetches()
+    store = FileStore(store_dir, Metrics(), SystemClock())
+    first = await store.obtain(KEY, everything, fetches)
+    second = await store.obtain(KEY, nothing, fetches)
+    assert second.fingerprint != first.fingerprint
+    assert (await store.obtain(KEY, everything, fetches)).fingerprint == second.fingerprint
+    assert fetches.count == 2
+
+
+async def test_token_files_are_for_this_user_alone(store_dir: Path) -> None:
+    await FileStore(store_dir, Metrics(), SystemClock()).obtain(KEY, everything, Fetches())
+    assert stat.S_IMODE(store_dir.stat().st_mode) == 0o700
+    token_file = store_dir / f"{key_digest(KEY)}.json"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert "client-secret" not in token_file.name
+
+
+async def test_a_directory_others_can_open_is_refused(store_dir: Path) -> None:
+    store_dir.mkdir(mode=0o755)
+    store_dir.chmod(0o755)
+    with pytest.raises(TokenStoreError, match="open to other users"):
+        FileStore(store_dir, Metrics(), SystemClock())
+
+
+async def test_a_symlink_is_not_a_store_directory(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(TokenStoreError, match="not a directory"):
+        FileStore(tmp_path / "link", Metrics(), SystemClock())
+
+
+async def test_a_damaged_token_file_is_replaced(store_dir: Path) -> None:
+    fetches = Fetches()
+    store = FileStore(store_dir, Metrics(), SystemClock())
+    await store.obtain(KEY, everything, fetches)
+    (store_dir / f"{key_digest(KEY)}.json").write_text("{not json")
+    assert (await store.obtain(KEY, everything, fetches)).fingerprint
+    assert fetches.count == 2
+    assert (await store.obtain(KEY, everything, fetches)).fingerprint
+    assert fetches.count == 2
+
+
+async def test_concurrent_obtains_fetch_once(store_dir: Path) -> None:
+    fetches = Fetches()
+    stores = [FileStore(store_dir, Metrics(), SystemClock()) for _ in range(5)]
+    results = await asyncio.gather(*(store.obtain(KEY, everything, fetches) for store in stores))
+    assert fetches.count == 1
+    assert len({result.fingerprint for result in results}) == 1
+
+
+# Processes of the proxy sharing tokens.
+
+
+class Proxies:
+    """Proxy processes started with `run`, each on its own port."""
+
+    def __init__(self) -> None:
+        self.processes: list[asyncio.subprocess.Process] = []
+        self.urls: list[str] = []
+        self.logs: list[list[str]] = []
+
+    async def start(self, config: Path) -> str:
+        process = await asyncio.create_subprocess_exec(
+            *proxy_command("run", "--config", str(config)),
+            stderr=asyncio.subprocess.PIPE,
+            env=subprocess_env(),
+        )
+        assert process.stderr is not None
+        lines: list[str] = []
+        while True:
+            line = (await asyncio.wait_for(process.stderr.readline(), timeout=30)).decode()
+            assert line, "".join(lines)
+            lines.append(line)
+            if "Listening on " in line:
+                break
+        asyncio.get_running_loop().create_task(self._drain(process.stderr, lines))
+        url = line.split("Listening on ", 1)[1].split()[0]
+        self.processes.append(process)
+        self.urls.append(url)
+        self.logs.append(lines)
+        return url
+
+    async def _drain(self, stream: asyncio.StreamReader, lines: list[str]) -> None:
+        while line := await stream.readline():
+            lines.append(line.decode())
+
+    async def stop(self) -> None:
+        for process in self.processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            await asyncio.wait_for(process.wait(), timeout=30)
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[Proxies]:
+    started = Proxies()
+    yield started
+    for process in started.processes:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def spread(urls: list[str], requests: int, path: str = "/echo") -> list[int]:
+    """`requests` concurrent requests, spread round-robin over the proxies at `urls`."""
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def call(number: int) -> int:
+            async with session.get(f"{urls[number % len(urls)]}{path}") as response:
+                await response.read()
+                return response.status
+
+        return await asyncio.gather(*(call(number) for number in range(requests)))
+
+
+def shared_config(tmp_path: Path, standins: Standins, name: str, **store: Any) -> Path:
+    document = settings_document(
+        standins.token_url, standins.upstream_url, prefetch=False, idle_after=0.5
+    )
+    document["token_store"] = store
+    return write_config(tmp_path / name, document)
+
+
+async def wait_out(standins: Standins) -> None:
+    """Until every token the stand-in issued has expired."""
+    latest = max(issued.expires_at for issued in standins.tokens.issued.values())
+    while time.monotonic() < latest + 0.2:  # noqa: ASYNC110 - the stand-in's clock
+        await asyncio.sleep(0.05)
+
+
+async def test_four_processes_with_the_file_store_fetch_one_token(
+    tmp_path: Path, standins: Standins, proxies: Proxies
+) -> None:
+    standins.tokens.lifetime = 3
+    config = shared_config(
+        tmp_path, standins, "file.yaml", backend="file", path=str(tmp_path / "tokens")
+    )
+    urls = [await proxies.start(config) for _ in range(4)]
+
+    assert await spread(urls, 200) == [200] * 200
+    assert len(standins.tokens.requests) == 1
+
+    # Across an expiry: nobody renewed the idle token, and again one process fetches.
+    await wait_out(standins)
+    assert await spread(urls, 200) == [200] * 200
+    assert len(standins.tokens.requests) == 2
+    await proxies.stop()
+
+
+async def test_processes_sharing_a_store_refresh_once_per_round(
+    tmp_path: Path, standins: Standins, proxies: Proxies
+) -> None:
+    standins.tokens.lifetime = 4
+    document = settings_document(
+        standins.token_url,
+        standins.upstream_url,
+        refresh_at=0.5,
+        refresh_margin=0.5,
+        prefetch=False,  # the first token is the first request's, once all processes run
+    )
+    document["token_store"] = {"backend": "file", "path": str(tmp_path / "tokens")}
+    config = write_config(tmp_path / "refresh.yaml", document)
+    urls = [await proxies.start(config) for _ in range(3)]
+
+    # Keep every process busy through one renewal round (at half the 4 s life).
+    deadline = time.monotonic() + 3.2
+    while time.monotonic() < deadline:
+        assert await spread(urls, 6) == [200] * 6
+        await asyncio.sleep(0.1)
+    assert len(standins.tokens.requests) == 2  # fetched once, renewed once: not per process
+    await proxies.stop()
+
+
+# Redis.
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server of this test's own, on a free port, that the test may stop."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(500):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            writer.close()
+            return
+        raise AssertionError("redis-server did not start")
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian's redis-server package)")
+    server = RedisServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_three_processes_share_one_token_through_redis_encrypted(
+    tmp_path: Path, standins: Standins, proxies: Proxies, redis_server: RedisServer
+) -> None:
+    import redis.asyncio
+
+    config = shared_config(tmp_path, standins, "redis.yaml", backend="redis", url=redis_server.url)
+    urls = [await proxies.start(config) for _ in range(3)]
+    assert await spread(urls, 150) == [200] * 150
+    assert len(standins.tokens.requests) == 1
+
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        names = await client.keys("skill-engine-proxy:token:*")
+        [name] = [name for name in names if not name.endswith(b":lock")]
+        value = await client.get(name)
+        ttl = await client.pttl(name)
+    finally:
+        await client.aclose()
+    [issued] = standins.tokens.issued
+    assert issued.encode() not in value
+    assert value.startswith(b"v1")
+    assert 0 < ttl <= 3600 * 1000
+    for log in proxies.logs:
+        assert issued not in "".join(log)
+    await proxies.stop()
+
+
+async def test_redis_going_away_fails_no_request_and_sharing_resumes(
+    tmp_path: Path, standins: Standins, proxies: Proxies, redis_server: RedisServer
+) -> None:
+    standins.tokens.lifetime = 2
+    config = shared_config(tmp_path, standins, "redis.yaml", backend="redis", url=redis_server.url)
+    urls = [await proxies.start(config) for _ in range(3)]
+    assert await spread(urls, 60) == [200] * 60
+    assert len(standins.tokens.requests) == 1
+
+    await redis_server.stop()
+    await wait_out(standins)
+    assert await spread(urls, 60) == [200] * 60  # no request fails: each fetches alone
+    assert 2 <= len(standins.tokens.requests) <= 4
+
+    await redis_server.start()
+    await wait_out(standins)
+    before = len(standins.tokens.requests)
+    assert await spread(urls, 60) == [200] * 60
+    assert len(standins.tokens.requests) == before + 1  # shared again
+    await proxies.stop()
+    logs = ["".join(log) for log in proxies.logs]
+    assert all("redis token store failed" in log for log in logs)
+    assert all("works again" in log for log in logs)
+
+
+async def test_a_fetcher_that_dies_holding_the_lock_holds_the_others_only_until_it_expires(
+    redis_server: RedisServer,
+) -> None:
+    import redis.asyncio
+
+    from proxy.redis_store import RedisStore
+
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    store = RedisStore(
+        redis_server.url, Metrics(), SystemClock(), lambda _key: "secret", lock_ttl=1, lock_wait=30
+    )
+    lock_name = f"skill-engine-proxy:token:{key_digest(KEY)}:lock"
+    try:
+        # A replica took the lock and died before it fetched or released it.
+        assert await client.set(lock_name, b"dead-replica", nx=True, px=500)
+        holders: list[bytes | None] = []
+
+        async def fetch(key: TokenKey) -> Token:
+            holders.append(await client.get(lock_name))
+            return token("after-the-dead")
+
+        obtained = await store.obtain(KEY, everything, fetch)
+    finally:
+        await store.close()
+        await client.aclose()
+    assert obtained.fingerprint
+    # The store fetched holding the lock itself, taken over once the dead one expired.
+    assert holders not in ([b"dead-replica"], [None])
+    assert len(holders) == 1
