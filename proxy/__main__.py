@@ -2,4 +2,7 @@
 
 from proxy.cli import main
 
-raise SystemExit(main())
+# Guarded: `--workers` starts its workers with multiprocessing's spawn, which imports this
+# module again in each of them.
+if __name__ == "__main__":
+    raise SystemExit(main())

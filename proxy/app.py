@@ -20,7 +20,6 @@ from proxy.config import Settings
 from proxy.errors import (
     BadRequest,
     ClientGone,
-    CredentialsRejected,
     ProxyError,
     TokenUnavailable,
     error_response,
@@ -141,8 +140,11 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     )
     keys = router.default_keys()
     prefetched = [key for key in keys if router.tenant_of(key).auth.prefetch]
-    for key in prefetched:
-        tokens.prefetch(key)
+    for key in keys:
+        if key in prefetched:
+            tokens.prefetch(key)
+        else:
+            tokens.keep(key)
     app[LIFECYCLE].token_problem = lambda: token_problem(tokens, keys, prefetched)
     yield
     await tokens.close()
@@ -156,17 +158,16 @@ def token_problem(
 ) -> str | None:
     """Why requests cannot be served now, for `/readyz`; None when they can.
 
-    A route's token fetched at start must be in hand; no route's credentials may be
-    rejected.
+    No route's token may be failing with none to use instead; a route's token fetched at
+    start must be in hand.
     """
     problems = []
     for key in keys:
         problem = tokens.problem(key)
-        if problem is None:
+        if problem is None or (key not in prefetched and tokens.failure(key) is None):
             continue
-        if key in prefetched or isinstance(tokens.failure(key), CredentialsRejected):
-            label = f"tenant {key.tenant}" + (f" ({key.scopes_label})" if key.scopes else "")
-            problems.append(problem if len(keys) == 1 else f"{label}: {problem}")
+        label = f"tenant {key.tenant}" + (f" ({key.scopes_label})" if key.scopes else "")
+        problems.append(problem if len(keys) == 1 else f"{label}: {problem}")
     return "; ".join(problems) or None
 
 

@@ -25,6 +25,7 @@ from proxy.metrics import Metrics
 from proxy.server import serve
 from proxy.store import TokenStoreError
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
+from proxy.workers import run_workers
 
 CONFIG_VARIABLE = "SKILL_ENGINE_PROXY_CONFIG"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(_config_path(arguments.config))
         if arguments.command == "check":
             return asyncio.run(check(settings, sys.stdout))
+        if arguments.workers > 1:
+            return run_workers(settings, arguments.workers, logging.INFO)
         asyncio.run(serve(settings))
         return EXIT_OK
     except ConfigError as exc:
@@ -63,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     config_help = f"the YAML config file (default: ${CONFIG_VARIABLE})"
     run = commands.add_parser("run", help="serve until SIGTERM or SIGINT")
     run.add_argument("--config", help=config_help)
+    run.add_argument(
+        "--workers",
+        type=_worker_count,
+        default=1,
+        help="serve with N processes on the same addresses, sharing tokens (default: 1)",
+    )
     check = commands.add_parser("check", help="fetch a token and call GET /version upstream")
     check.add_argument("--config", help=config_help)
 
@@ -82,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
         help="metrics and health address (default: 127.0.0.1:9090)",
     )
     return parser
+
+
+def _worker_count(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 64:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of processes from 1 to 64, got {value!r}"
+        )
+    return int(value)
 
 
 def _listen_address(value: str) -> ListenAddress:

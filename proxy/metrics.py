@@ -6,12 +6,16 @@ Labels hold only values the config bounds (tenant, scope set) or the protocol bo
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
 
 from proxy.tokens import TokenKey
 
 PREFIX = "skill_engine_proxy"
+# prometheus-client's switch to multiprocess mode; `--workers` sets it for its workers.
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
 
 # RFC 9110 section 9 plus PATCH (RFC 5789); anything else is counted as "other".
 STANDARD_METHODS = frozenset(
@@ -52,6 +56,7 @@ class Metrics:
             "UNIX time at which the newest token for a tenant and scope set expires.",
             ["tenant", "scopes"],
             registry=registry,
+            multiprocess_mode="max",
         )
         self.requests = Counter(
             f"{PREFIX}_requests",
@@ -94,6 +99,7 @@ class Metrics:
             "Token requests left in the token endpoint's rate-limit window, as it last said.",
             ["tenant"],
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.upstream_unauthorized = Counter(
             f"{PREFIX}_upstream_unauthorized",
@@ -111,12 +117,20 @@ class Metrics:
             f"{PREFIX}_requests_in_flight",
             "Requests being proxied now.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
-        """The metrics in the format `accept` prefers (Prometheus text or OpenMetrics)."""
+        """The metrics in the format `accept` prefers (Prometheus text or OpenMetrics).
+
+        Under `--workers` (PROMETHEUS_MULTIPROC_DIR set), the sum over all workers.
+        """
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        registry = self.registry
+        if os.environ.get(MULTIPROCESS_DIRECTORY):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return encoder(registry), content_type
 
 
 class TokenMetrics:

@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -59,9 +61,15 @@ class ProxyServer:
         *,
         clock: Clock | None = None,
         shutdown_grace: float = SHUTDOWN_GRACE,
+        reuse_port: bool = False,
+        sockets: Mapping[ListenAddress, socket.socket] | None = None,
     ) -> None:
+        """`reuse_port` and `sockets` are for workers: TCP listeners are bound with
+        SO_REUSEPORT beside the other workers', unix socket listeners are the supervisor's."""
         self.settings = settings
         self._shutdown_grace = shutdown_grace
+        self._reuse_port = reuse_port
+        self._sockets = dict(sockets or {})
         server_logger = logging.getLogger("aiohttp.server")
         if _QUIET_MALFORMED_REQUESTS not in server_logger.filters:
             server_logger.addFilter(_QUIET_MALFORMED_REQUESTS)
@@ -175,11 +183,20 @@ class ProxyServer:
         For a route's own listener, tell the router which sockets are that listener's.
         """
         site: web.BaseSite
-        if address.path is not None:
-            _claim_unix_path(address)
+        inherited = self._sockets.get(address)
+        if inherited is not None:
+            site = web.SockSite(runner, inherited)
+        elif address.path is not None:
+            claim_unix_path(address)
             site = web.UnixSite(runner, address.path)
         else:
-            site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+            site = web.TCPSite(
+                runner,
+                address.host,
+                address.port,
+                reuse_address=True,
+                reuse_port=self._reuse_port or None,
+            )
         before = set(runner.addresses)
         try:
             await site.start()
@@ -191,7 +208,8 @@ class ProxyServer:
             for name in bound:
                 router.bind(name[:2] if isinstance(name, tuple) else name, address)
         if address.path is not None:
-            self._unix_sockets.append((address.path, _identity(address.path)))
+            if inherited is None:  # an inherited socket's file is the supervisor's to remove
+                self._unix_sockets.append((address.path, _identity(address.path)))
             return f"unix:{address.path}"
         host, port = bound[0][:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -202,7 +220,7 @@ def _identity(path: str) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def _claim_unix_path(address: ListenAddress) -> None:
+def claim_unix_path(address: ListenAddress) -> None:
     """Refuse a socket path another process serves; clear one a dead process left behind.
 
     asyncio would silently replace any socket file, cutting off a proxy still running there.
@@ -225,21 +243,40 @@ def _claim_unix_path(address: ListenAddress) -> None:
     raise ListenError(f"Cannot listen on {address}: another process is serving on it.")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 class StopSignals:
     """SIGTERM or SIGINT asks for a graceful stop; a second one ends the process at once."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, parent: int | None = None
+    ) -> None:
+        """`parent`: a file descriptor that turns readable when the process that started
+        this one is gone (a worker's supervisor); that stops this one too."""
+        self._signals = signals
+        self._parent = parent
         self._received = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
     def __enter__(self) -> StopSignals:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in self._signals:
             self._loop.add_signal_handler(signum, self._on_signal, signum)
+        if self._parent is not None:
+            self._loop.add_reader(self._parent, self._on_parent_gone)
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in self._signals:
             self._loop.remove_signal_handler(signum)
+        if self._parent is not None:
+            self._loop.remove_reader(self._parent)
+
+    def _on_parent_gone(self) -> None:
+        if self._parent is not None:
+            self._loop.remove_reader(self._parent)
+        logger.warning("The supervisor is gone; stopping.")
+        self._received.set()
 
     async def wait(self) -> None:
         await self._received.wait()
@@ -253,10 +290,16 @@ class StopSignals:
         self._received.set()
 
 
-async def serve(settings: Settings) -> None:
-    """`run`: serve until SIGTERM or SIGINT, then drain and return."""
-    server = ProxyServer(settings)
-    with StopSignals() as signals:
+async def serve(
+    settings: Settings,
+    stop_signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+    parent: int | None = None,
+    **options: Any,
+) -> None:
+    """`run`: serve until one of `stop_signals` (or, for a worker, until its supervisor
+    is gone), then drain and return; `options` go to `ProxyServer`."""
+    server = ProxyServer(settings, **options)
+    with StopSignals(stop_signals, parent) as signals:
         await server.start()
         await signals.wait()
         await server.stop()

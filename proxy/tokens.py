@@ -396,12 +396,15 @@ class TokenKeeper:
         # A caller that gives up (its client went away) must not cancel the others' fetch.
         return await asyncio.shield(state.in_flight)
 
+    def keep(self, key: TokenKey) -> None:
+        """Retry the token for `key` while it fails even when nobody asks for it: readiness
+        depends on it, and a proxy nobody sends requests to must become ready by itself."""
+        self._state(key).kept = True
+
     def prefetch(self, key: TokenKey) -> None:
-        """Fetch the token for `key` now, without waiting for it, and keep retrying it while
-        it fails even when nobody asks for it: readiness depends on it."""
-        state = self._state(key)
-        state.kept = True
-        state.last_used = self._clock.now()
+        """Fetch the token for `key` now, without waiting for it, and `keep` it."""
+        self.keep(key)
+        state = self._states[key]
         if state.in_flight is None and state.token is None:
             self._start_attempt(state)
 
@@ -527,10 +530,7 @@ class TokenKeeper:
         try:
             token = await self._fetch(state.key, self._freshness(state))
             if self._usable_until(state, token) <= self._clock.now():
-                raise BadTokenResponse(
-                    "The token endpoint took longer to answer than its token may be used "
-                    f"({token.lifetime:.0f} s minus the refresh margin)."
-                )
+                raise self._unusable_on_arrival(token)
         except TokenUnavailable as exc:
             raise self._failed(state, exc) from None
         except Exception as exc:
@@ -542,6 +542,18 @@ class TokenKeeper:
             raise self._failed(state, unexpected) from None
         self._succeeded(state, token)
         return token
+
+    def _unusable_on_arrival(self, token: Token) -> BadTokenResponse:
+        skew = token.exp_skew
+        if skew is not None and skew < -_CLOCK_SKEW_WARNING:
+            return BadTokenResponse(
+                f"The token's exp claim ends its life {-skew:.0f} s before its expires_in "
+                "does, too soon to use it: this machine's clock or the token endpoint's is off."
+            )
+        return BadTokenResponse(
+            "The token endpoint took longer to answer than its token may be used "
+            f"({token.lifetime:.0f} s minus the refresh margin)."
+        )
 
     def _freshness(self, state: _KeyState) -> Freshness:
         """Which token found in a shared store this key takes instead of fetching one: not

@@ -156,6 +156,22 @@ async def test_without_prefetch_the_first_request_fetches(start_lifecycle: Any) 
     assert lifecycle.token_requests == 1
 
 
+async def test_without_prefetch_a_failing_endpoint_makes_it_unready_until_it_heals(
+    start_lifecycle: Any,
+) -> None:
+    lifecycle: Lifecycle = await start_lifecycle(prefetch=False)
+    lifecycle.standins.tokens.answer_next(Answer(503), times=10_000)
+    assert (await lifecycle.get())[0] == 503
+    status, text = await lifecycle.ready()
+    assert status == 503
+    assert "no token" in text
+
+    lifecycle.standins.tokens.recover()  # nobody sends another request: it heals by itself
+    await lifecycle.advance(BACKOFF_CAP)
+    await eventually(lambda: lifecycle.proxy.lifecycle.token_problem() is None, "healed")
+    assert (await lifecycle.ready())[0] == 200
+
+
 async def test_no_request_waits_during_a_refresh(running: Lifecycle) -> None:
     first = await running.fingerprint()
     running.standins.tokens.gate.clear()

@@ -369,6 +369,22 @@ async def test_a_token_that_arrives_past_its_usable_moment_is_an_error(
     assert keeper.cached(KEY) is None
 
 
+async def test_a_jwt_that_expires_on_arrival_blames_the_clocks(
+    make_keeper: MakeKeeper, clock: FakeClock
+) -> None:
+    async def expired(key: TokenKey, is_fresh: Freshness) -> Token:
+        return parse(
+            {"access_token": jwt_token(WALL - 10), "expires_in": 3600}, obtained_at=clock.now()
+        )
+
+    keeper = TokenKeeper(expired, policy=lambda _key: RenewalPolicy(), clock=clock)
+    try:
+        with pytest.raises(BadTokenResponse, match="clock"):
+            await keeper.fetch(KEY)
+    finally:
+        await keeper.close()
+
+
 # When the token endpoint fails.
 
 

@@ -1,0 +1,263 @@
+"""`run --workers N`: N processes serving one set of listeners, sharing tokens and metrics.
+
+The supervisor (this process) prepares what the workers share, starts them, restarts one
+that dies, and on SIGTERM or SIGINT passes the signal on and waits for them to drain:
+
+- TCP listeners: every worker binds the same address with SO_REUSEPORT, and the kernel
+  spreads connections over them. A port 0 is chosen once, here, so that all bind the same.
+- Unix socket listeners: bound here, and handed to the workers.
+- Tokens: through the configured token store; with the default `memory` store, through a
+  file store in a private directory, so that one worker fetches and the others read.
+- Metrics: prometheus-client's multiprocess mode, in a private directory: every worker's
+  `/metrics` reports the sum over all workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from proxy.config import ListenAddress, Settings, TokenStoreSettings
+from proxy.metrics import MULTIPROCESS_DIRECTORY
+from proxy.server import claim_unix_path, serve
+
+logger = logging.getLogger("skill_engine_proxy")
+
+# A worker that dies more often than this is not restarted: something is wrong for good.
+_RESTARTS = 5
+_RESTART_WINDOW = 60.0
+_EXIT_FAILED = 1
+
+
+def run_workers(settings: Settings, count: int, log_level: int) -> int:
+    """Serve with `count` worker processes until SIGTERM or SIGINT; the exit status."""
+    with _shared_directories() as (tokens, metrics):
+        os.environ[MULTIPROCESS_DIRECTORY] = str(metrics)
+        if settings.token_store.backend == "memory":
+            settings = settings.model_copy(
+                update={"token_store": TokenStoreSettings(backend="file", path=tokens)}
+            )
+        settings, held = _fixed_ports(settings)
+        with contextlib.ExitStack() as stack:
+            for probe in held:
+                stack.callback(probe.close)
+            sockets = _unix_sockets(settings, stack)
+            logger.info(
+                "Starting %d workers; they share tokens through the %s token store and "
+                "metrics through %s.",
+                count,
+                settings.token_store.backend,
+                metrics,
+            )
+            return _Supervisor(settings, count, sockets, log_level).run()
+
+
+@contextlib.contextmanager
+def _shared_directories() -> Iterator[tuple[Path, Path]]:
+    tokens = Path(tempfile.mkdtemp(prefix="skill-engine-proxy-tokens-"))
+    metrics = Path(tempfile.mkdtemp(prefix="skill-engine-proxy-metrics-"))
+    try:
+        yield tokens, metrics
+    finally:
+        shutil.rmtree(tokens, ignore_errors=True)
+        shutil.rmtree(metrics, ignore_errors=True)
+
+
+def _fixed_ports(settings: Settings) -> tuple[Settings, list[socket.socket]]:
+    """`settings` with every port 0 replaced by one the OS chose, and the sockets that hold
+    those ports until the supervisor ends (bound, never listening: they take no traffic).
+
+    The main and admin listeners get a port each, even when both say port 0; routes that
+    name the same listener share its port.
+    """
+    held: list[socket.socket] = []
+
+    def fixed(address: ListenAddress | None) -> ListenAddress | None:
+        if address is None or address.path is not None or address.port != 0:
+            return address
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((address.host, 0))
+        held.append(probe)
+        return ListenAddress(address.host, probe.getsockname()[1])
+
+    route_listeners = {route.listen: fixed(route.listen) for route in settings.routes}
+    routes = tuple(
+        route.model_copy(update={"listen": route_listeners[route.listen]})
+        for route in settings.routes
+    )
+    update = {
+        "listen": fixed(settings.listen),
+        "admin_listen": fixed(settings.admin_listen),
+        "routes": routes,
+    }
+    return settings.model_copy(update=update), held
+
+
+def _unix_sockets(
+    settings: Settings, stack: contextlib.ExitStack
+) -> dict[ListenAddress, socket.socket]:
+    """Listening sockets for the unix socket addresses, removed when the supervisor ends."""
+    addresses = [settings.listen, settings.admin_listen]
+    addresses += [route.listen for route in settings.all_routes()]
+    sockets: dict[ListenAddress, socket.socket] = {}
+    for address in addresses:
+        if address is None or address.path is None or address in sockets:
+            continue
+        claim_unix_path(address)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(address.path)
+        sock.listen(128)
+        stack.callback(_remove_unix_socket, sock, address.path)
+        sockets[address] = sock
+    return sockets
+
+
+def _remove_unix_socket(sock: socket.socket, path: str) -> None:
+    sock.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        count: int,
+        sockets: dict[ListenAddress, socket.socket],
+        log_level: int,
+    ) -> None:
+        self._settings = settings
+        self._count = count
+        self._sockets = sockets
+        self._log_level = log_level
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, Any] = {}
+        self._restarts: list[float] = []
+        self._stopping = False
+        self._signals = 0
+
+    def run(self) -> int:
+        previous = {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            for index in range(self._count):
+                self._start(index)
+            status = self._watch()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._kill_all()
+        logger.info("All workers stopped.")
+        return status
+
+    def _start(self, index: int) -> None:
+        process = self._context.Process(
+            target=_worker,
+            args=(self._settings, index, self._sockets, self._log_level),
+            name=f"skill-engine-proxy worker {index}",
+        )
+        process.start()
+        self._workers[index] = process
+        logger.info("Worker %d started (pid %d).", index, process.pid)
+
+    def _watch(self) -> int:
+        status = 0
+        while self._workers:
+            sentinels = {process.sentinel: index for index, process in self._workers.items()}
+            for ready in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
+                index = sentinels[ready]
+                process = self._workers.pop(index)
+                process.join()
+                _forget_metrics(process.pid)
+                if self._stopping:
+                    if process.exitcode != 0:
+                        status = _EXIT_FAILED
+                    continue
+                logger.error("Worker %d exited with status %s.", index, process.exitcode)
+                if not self._may_restart():
+                    logger.error("Workers keep dying; stopping them all.")
+                    self._stop_all()
+                    status = _EXIT_FAILED
+                    continue
+                self._start(index)
+        return status
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        self._restarts = [moment for moment in self._restarts if now - moment < _RESTART_WINDOW]
+        self._restarts.append(now)
+        return len(self._restarts) <= _RESTARTS
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            name = signal.Signals(signum).name
+            logger.warning("Received %s again: stopping the workers at once.", name)
+            self._kill_all()
+            os._exit(_EXIT_FAILED)
+        logger.info("Received %s: the workers drain and stop.", signal.Signals(signum).name)
+        self._stop_all()
+
+    def _stop_all(self) -> None:
+        self._stopping = True
+        for process in self._workers.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    def _kill_all(self) -> None:
+        for process in self._workers.values():
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _forget_metrics(pid: int | None) -> None:
+    """Drop a dead worker's live gauges (in-flight requests) from the sum."""
+    from prometheus_client import multiprocess
+
+    if pid is not None:
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def _worker(
+    settings: Settings,
+    index: int,
+    sockets: dict[ListenAddress, socket.socket],
+    log_level: int,
+) -> None:
+    """A worker process: the proxy, on listeners it shares with the other workers."""
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s",
+    )
+    # Ctrl-C reaches the whole process group; the supervisor answers it by sending each
+    # worker SIGTERM, which a worker must not take for a second, impatient signal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    supervisor = multiprocessing.parent_process()
+    asyncio.run(
+        serve(
+            settings,
+            stop_signals=(signal.SIGTERM,),
+            # A supervisor killed outright must not leave its workers serving on.
+            parent=None if supervisor is None else supervisor.sentinel,
+            reuse_port=True,
+            sockets=sockets,
+        )
+    )

@@ -1,0 +1,169 @@
+"""`run --workers N`: processes sharing listeners, tokens and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Standins
+from tests.support import (
+    TENANT,
+    proxy_command,
+    sample,
+    settings_document,
+    subprocess_env,
+    write_config,
+)
+
+
+@dataclass
+class Supervisor:
+    process: asyncio.subprocess.Process
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    async def wait_for(self, pattern: str, count: int = 1) -> list[re.Match[str]]:
+        for _ in range(3000):
+            found = list(re.finditer(pattern, self.log))
+            if len(found) >= count:
+                return found
+            assert self.process.returncode is None, self.log
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"never logged {pattern!r}:\n{self.log}")
+
+
+@pytest.fixture
+async def supervisor(tmp_path: Path, standins: Standins) -> AsyncIterator[Supervisor]:
+    document = settings_document(standins.token_url, standins.upstream_url)
+    config = write_config(tmp_path / "workers.yaml", document)
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("run", "--config", str(config), "--workers", "2"),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    supervisor = Supervisor(process)
+
+    async def collect() -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            supervisor.lines.append(line.decode())
+
+    collecting = asyncio.create_task(collect())
+    yield supervisor
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    await collecting
+
+
+async def listening(supervisor: Supervisor) -> tuple[str, str]:
+    found = await supervisor.wait_for(r"\[worker \d\]: Listening on (\S+) \(admin: (\S+)\)", 2)
+    assert {match.groups() for match in found} == {found[0].groups()}  # one address, shared
+    return found[0].group(1), found[0].group(2)
+
+
+async def test_two_workers_serve_share_one_token_and_sum_their_metrics(
+    supervisor: Supervisor, standins: Standins
+) -> None:
+    proxy_url, admin_url = await listening(supervisor)
+    metrics_dir = (await supervisor.wait_for(r"metrics through (\S+)\."))[0].group(1)
+    pids = [int(match.group(1)) for match in await supervisor.wait_for(r"started \(pid (\d+)\)", 2)]
+
+    # A new connection per request: the kernel spreads connections over the workers.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(100):
+            async with session.get(f"{proxy_url}/version") as response:
+                assert response.status == 200
+        async with session.get(f"{admin_url}/metrics") as response:
+            text = await response.text()
+
+    assert len(standins.tokens.requests) == 1
+    served = sample(
+        text, "skill_engine_proxy_requests_total", tenant=TENANT, method="GET", status="200"
+    )
+    assert served == 100  # both workers' counts, summed
+    # Each worker counted requests of its own: both served.
+    files = os.listdir(metrics_dir)
+    assert all(f"counter_{pid}.db" in files for pid in pids), files
+
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
+    assert not Path(metrics_dir).exists()
+
+
+async def test_a_worker_that_dies_is_replaced(supervisor: Supervisor) -> None:
+    proxy_url, _ = await listening(supervisor)
+    first = int((await supervisor.wait_for(r"Worker 0 started \(pid (\d+)\)"))[0].group(1))
+    os.kill(first, signal.SIGKILL)
+    await supervisor.wait_for(r"Worker 0 exited with status -9")
+    await supervisor.wait_for(r"Worker 0 started \(pid (\d+)\)", 2)
+    await supervisor.wait_for(r"\[worker 0\]: Listening on", 2)
+
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(20):
+            async with session.get(f"{proxy_url}/version") as response:
+                assert response.status == 200
+    supervisor.process.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(supervisor: Supervisor) -> None:
+    await listening(supervisor)
+    pids = [int(match.group(1)) for match in await supervisor.wait_for(r"started \(pid (\d+)\)", 2)]
+    supervisor.process.kill()
+    await supervisor.process.wait()
+    for _ in range(3000):
+        if not any(alive(pid) for pid in pids):
+            break
+        await asyncio.sleep(0.01)
+    assert not any(alive(pid) for pid in pids)
+    assert "The supervisor is gone; stopping." in supervisor.log
+
+
+async def test_workers_share_a_unix_socket(tmp_path: Path, standins: Standins) -> None:
+    path = tmp_path / "proxy.sock"
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["listen"] = f"unix:{path}"
+    config = write_config(tmp_path / "unix.yaml", document)
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("run", "--config", str(config), "--workers", "2"),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    supervisor = Supervisor(process)
+    assert process.stderr is not None
+    while len(re.findall(r"\[worker \d\]: Listening on", supervisor.log)) < 2:
+        line = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+        assert line, supervisor.log
+        supervisor.lines.append(line.decode())
+
+    connector = aiohttp.UnixConnector(path=str(path), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(10):
+            async with session.get("http://localhost/version") as response:
+                assert response.status == 200
+    process.send_signal(signal.SIGTERM)
+    await process.communicate()
+    assert process.returncode == 0
+    assert not path.exists()
