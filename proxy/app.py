@@ -8,12 +8,14 @@ path is ever shadowed by one of the proxy's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp import web
 
 from proxy.config import Settings
@@ -33,9 +35,10 @@ from proxy.forwarder import (
     new_upstream_session,
     strip_server_defaults,
 )
+from proxy.logs import REQUEST_ID_HEADER, AccessRecord, access_logger, log_access
 from proxy.metrics import Metrics, TokenMetrics, method_label
 from proxy.routes import Destination, Router
-from proxy.store import open_store
+from proxy.store import TokenStore, open_store
 from proxy.token_endpoint import TokenEndpoint, client_of, new_token_session, token_key
 from proxy.tokens import (
     Clock,
@@ -70,13 +73,13 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
-TOKENS = web.AppKey("tokens", TokenKeeper)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-ROUTER = web.AppKey("router", Router)
+WIRING: web.AppKey[Wiring] = web.AppKey("wiring")
 DESTINATION = web.RequestKey("destination", Destination)
+ACCESS = web.RequestKey("access", AccessRecord)
 IN_FLIGHT: web.AppKey[set[asyncio.Task[object]]] = web.AppKey("in_flight")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Client = tuple[str, str, str, str]
 
 
 def create_proxy_app(
@@ -93,7 +96,7 @@ def create_proxy_app(
     app[LIFECYCLE] = lifecycle
     app[CLOCK] = clock or SystemClock()
     app[IN_FLIGHT] = set()
-    app[ROUTER] = Router(settings)
+    app[WIRING] = Wiring(settings, metrics, app[CLOCK])
     app.cleanup_ctx.append(_clients)
     app.on_response_prepare.append(strip_server_defaults)
     # [\s\S]: a path may hold any character once percent-decoded, a newline included.
@@ -103,117 +106,232 @@ def create_proxy_app(
 
 async def _clients(app: web.Application) -> AsyncIterator[None]:
     settings, metrics, clock = app[SETTINGS], app[METRICS], app[CLOCK]
-    router = app[ROUTER]
-    secrets = {
-        client_of(token_key(tenant.auth)): tenant.auth.secret for tenant in router.tenants.values()
-    }
+    wiring = app[WIRING]
     store = open_store(
         settings.token_store,
         metrics,
         clock,
-        lambda key: secrets[client_of(key)].get_secret_value(),
+        lambda key: wiring.endpoints[client_of(key)].secret.get_secret_value(),
     )
     token_session = new_token_session()
     upstream_session = new_upstream_session()
-    endpoints, policies = {}, {}
-    for tenant in router.tenants.values():
-        auth = tenant.auth
-        client = client_of(token_key(auth))
-        endpoints[client] = TokenEndpoint(token_session, auth, metrics, clock=clock)
-        policies[client] = RenewalPolicy(auth.refresh_margin, auth.refresh_at, auth.idle_after)
-
-    async def fetch(key: TokenKey) -> Token:
-        return await endpoints[client_of(key)].fetch(key)
-
-    async def obtain(key: TokenKey, is_fresh: Freshness) -> Token:
-        return await store.obtain(key, is_fresh, fetch)
-
-    tokens = TokenKeeper(
-        obtain,
-        policy=lambda key: policies[client_of(key)],
-        clock=clock,
-        events=TokenMetrics(metrics),
-    )
-    app[TOKENS] = tokens
-    app[FORWARDER] = Forwarder(
-        upstream_session, tokens, metrics, replay_body_limit=settings.replay_body_limit
-    )
-    keys = router.default_keys()
-    prefetched = [key for key in keys if router.tenant_of(key).auth.prefetch]
-    for key in keys:
-        if key in prefetched:
-            tokens.prefetch(key)
-        else:
-            tokens.keep(key)
-    app[LIFECYCLE].token_problem = lambda: token_problem(tokens, keys, prefetched)
+    wiring.start(token_session, upstream_session, store)
+    app[LIFECYCLE].token_problem = wiring.token_problem
     yield
-    await tokens.close()
+    await wiring.close()
     await store.close()
     await upstream_session.close()
     await token_session.close()
 
 
-def token_problem(
-    tokens: TokenKeeper, keys: list[TokenKey], prefetched: list[TokenKey]
-) -> str | None:
-    """Why requests cannot be served now, for `/readyz`; None when they can.
+class Wiring:
+    """What serves requests under the current config, and how a reload replaces it.
 
-    No route's token may be failing with none to use instead; a route's token fetched at
-    start must be in hand.
+    The token keeper outlives reloads, so that a token fetched with credentials that did
+    not change is kept; the router, the token endpoints (one per client credentials) and
+    the renewal policies are replaced.
     """
-    problems = []
-    for key in keys:
-        problem = tokens.problem(key)
-        if problem is None or (key not in prefetched and tokens.failure(key) is None):
-            continue
-        label = f"tenant {key.tenant}" + (f" ({key.scopes_label})" if key.scopes else "")
-        problems.append(problem if len(keys) == 1 else f"{label}: {problem}")
-    return "; ".join(problems) or None
+
+    def __init__(self, settings: Settings, metrics: Metrics, clock: Clock) -> None:
+        self.settings = settings
+        self.router = Router(settings)
+        self.endpoints: dict[Client, TokenEndpoint] = {}
+        self._policies: dict[Client, RenewalPolicy] = {}
+        self._metrics = metrics
+        self._clock = clock
+        self._keys: list[TokenKey] = []
+        self._prefetched: list[TokenKey] = []
+
+    def start(
+        self,
+        token_session: aiohttp.ClientSession,
+        upstream_session: aiohttp.ClientSession,
+        store: TokenStore,
+    ) -> None:
+        self._token_session = token_session
+        self._set_endpoints(self.router)
+
+        async def fetch(key: TokenKey) -> Token:
+            return await self.endpoints[client_of(key)].fetch(key)
+
+        async def obtain(key: TokenKey, is_fresh: Freshness) -> Token:
+            return await store.obtain(key, is_fresh, fetch)
+
+        self.tokens = TokenKeeper(
+            obtain,
+            policy=lambda key: self._policies[client_of(key)],
+            clock=self._clock,
+            events=TokenMetrics(self._metrics),
+        )
+        self.forwarder = Forwarder(
+            upstream_session,
+            self.tokens,
+            self._metrics,
+            replay_body_limit=self.settings.replay_body_limit,
+        )
+        self._watch(self.router)
+
+    async def close(self) -> None:
+        await self.tokens.close()
+
+    def token_problem(self) -> str | None:
+        """Why requests cannot be served now, for `/readyz`; None when they can.
+
+        No route's token may be failing with none to use instead; a route's token fetched
+        at start must be in hand.
+        """
+        problems = []
+        for key in self._keys:
+            problem = self.tokens.problem(key)
+            if problem is None or (
+                key not in self._prefetched and self.tokens.failure(key) is None
+            ):
+                continue
+            label = f"tenant {key.tenant}" + (f" ({key.scopes_label})" if key.scopes else "")
+            problems.append(problem if len(self._keys) == 1 else f"{label}: {problem}")
+        return "; ".join(problems) or None
+
+    async def reconfigure(self, settings: Settings) -> None:
+        """Serve under `settings` from now on (the listeners stay as they are).
+
+        Changed secrets of the same client apply at once to new tokens: its tokens are
+        renewed, and the current ones serve until the renewal brings a new one. New
+        credentials (another client_id, audience, tenant or token URL) are fetched for
+        first; requests keep the running routes until every prefetched token of the new
+        ones is in hand. Tokens nothing leads to any more are then dropped.
+        """
+        router = Router(settings)
+        router.adopt_listeners(self.router)
+        renewed = self._set_endpoints(router)
+        self.tokens.reconsider_policies()
+        for key in self.tokens.held_keys():
+            if client_of(key) in renewed:
+                self.tokens.renew(key)
+
+        known = set(self.tokens.held_keys())
+        arriving = [key for key in router.default_keys() if key not in known]
+        awaited = [key for key in arriving if router.tenant_of(key).auth.prefetch]
+        for key in arriving:
+            self.tokens.keep(key)
+        if awaited:
+            for key in awaited:
+                self.tokens.prefetch(key)
+            logger.info(
+                "Reload: fetching tokens with the new credentials of %s; the running "
+                "config serves until they are in hand.",
+                ", ".join(sorted({f"tenant {key.tenant}" for key in awaited})),
+            )
+            try:
+                await self.tokens.wait_for_tokens(awaited)
+            except asyncio.CancelledError:
+                for key in arriving:  # a newer reload replaces this one
+                    self.tokens.forget(key)
+                raise
+
+        self.settings = settings
+        self.router = router
+        self.forwarder.replay_body_limit = settings.replay_body_limit
+        self._watch(router)
+        self._drop_unreachable(router)
+
+    def _set_endpoints(self, router: Router) -> set[Client]:
+        """One token endpoint per client of `router`; the clients whose secrets changed."""
+        renewed: set[Client] = set()
+        endpoints = dict(self.endpoints)
+        for tenant in router.tenants.values():
+            auth = tenant.auth
+            client = client_of(token_key(auth))
+            previous = self.endpoints.get(client)
+            if previous is None:
+                endpoints[client] = TokenEndpoint(
+                    self._token_session, auth, self._metrics, clock=self._clock
+                )
+            else:
+                endpoints[client] = previous.successor(auth)
+                if not previous.has_credentials_of(endpoints[client]):
+                    renewed.add(client)
+            self._policies[client] = RenewalPolicy(
+                auth.refresh_margin, auth.refresh_at, auth.idle_after
+            )
+        self.endpoints = endpoints
+        return renewed
+
+    def _watch(self, router: Router) -> None:
+        """Fetch (or keep retrying) the token of every route with a fixed tenant."""
+        previous = set(self._keys)
+        self._keys = router.default_keys()
+        self._prefetched = [key for key in self._keys if router.tenant_of(key).auth.prefetch]
+        for key in self._keys:
+            if key in self._prefetched:
+                self.tokens.prefetch(key)
+            else:
+                self.tokens.keep(key)
+        for key in previous - set(self._keys):
+            self.tokens.keep(key, kept=False)
+
+    def _drop_unreachable(self, router: Router) -> None:
+        clients = {client_of(token_key(tenant.auth)) for tenant in router.tenants.values()}
+        for key in self.tokens.held_keys():
+            if client_of(key) not in clients:
+                self.tokens.forget(key)
+                with contextlib.suppress(KeyError):
+                    self._metrics.token_expiry.remove(key.tenant, key.scopes_label)
+        for client in set(self.endpoints) - clients:
+            del self.endpoints[client]
+            del self._policies[client]
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARDER].forward(request, request[DESTINATION])
+    return await request.app[WIRING].forwarder.forward(
+        request, request[DESTINATION], request[ACCESS]
+    )
 
 
 @web.middleware
 async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request, and turn the proxy's own errors into their answers."""
+    """Count, time and log every request, and turn the proxy's own errors into answers."""
     metrics = request.app[METRICS]
     in_flight = request.app[IN_FLIGHT]
     task = asyncio.current_task()
     assert task is not None
-    started = time.perf_counter()
+    record = request[ACCESS] = AccessRecord.begin(request.headers.get(REQUEST_ID_HEADER))
     metrics.requests_in_flight.inc()
     in_flight.add(task)
     try:
-        response = await _answer(request, handler)
+        response = await _answer(request, handler, record)
     except asyncio.CancelledError:
         if request.transport is None:
             # aiohttp cancels the handler of a client that hung up (handler_cancellation):
             # 499 if its answer had not begun, else the status it was sent.
-            _count(request, started, request.get(SENT_STATUS, ClientGone.status))
+            _count(request, record, request.get(SENT_STATUS, ClientGone.status))
         raise
     finally:
         in_flight.discard(task)
         metrics.requests_in_flight.dec()
-    _count(request, started, response.status)
+    _count(request, record, response.status)
     return response
 
 
-def _count(request: web.Request, started: float, status: int) -> None:
+def _count(request: web.Request, record: AccessRecord, status: int) -> None:
     metrics = request.app[METRICS]
     destination = request.get(DESTINATION)
     # A request that found no route has no tenant: "" keeps the label set bounded.
     tenant = "" if destination is None else destination.key.tenant
     method = method_label(request.method)
-    metrics.request_duration.labels(tenant, method).observe(time.perf_counter() - started)
+    metrics.request_duration.labels(tenant, method).observe(time.perf_counter() - record.started)
     metrics.requests.labels(tenant, method, str(status)).inc()
+    if access_logger.isEnabledFor(logging.INFO):
+        log_access(
+            record, method=request.method, path=logged_path(request), status=status, tenant=tenant
+        )
 
 
-async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _answer(
+    request: web.Request, handler: Handler, record: AccessRecord
+) -> web.StreamResponse:
     try:
         check_request(request)
-        request[DESTINATION] = request.app[ROUTER].route(request)
+        request[DESTINATION] = request.app[WIRING].router.route(request)
         return await handler(request)
     except ProxyError as exc:
         # The client's own mistakes, and the waiters of a token fetch the token cache has
@@ -228,7 +346,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
             exc.code,
             exc,
         )
-        response = error_response(exc)
+        response = _error_answer(exc, record)
         if isinstance(exc, BadRequest) or (request.body_exists and not request.content.at_eof()):
             # What follows on this connection cannot be trusted (a CONNECT's tunnel bytes),
             # or an unread body is not wanted: close rather than read on.
@@ -236,9 +354,18 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     except Exception:
         logger.exception("%s %s failed inside the proxy", request.method, logged_path(request))
-        return error_response(
-            ProxyError("The proxy failed to handle this request; its log has the details.")
+        return _error_answer(
+            ProxyError("The proxy failed to handle this request; its log has the details."),
+            record,
         )
+
+
+def _error_answer(error: ProxyError, record: AccessRecord) -> web.Response:
+    """The proxy's own answer, with the request id it logs the request under."""
+    response = error_response(error)
+    response.headers[REQUEST_ID_HEADER] = record.request_id
+    record.bytes_out = len(response.body) if isinstance(response.body, bytes) else 0
+    return response
 
 
 def create_admin_app(metrics: Metrics, lifecycle: Lifecycle) -> web.Application:

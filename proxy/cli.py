@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,11 +16,20 @@ from typing import TextIO
 import aiohttp
 
 from proxy import __version__
-from proxy.config import ListenAddress, Settings, Tenant, load_settings, parse_listen_address
+from proxy.config import (
+    ListenAddress,
+    LogSettings,
+    Settings,
+    Tenant,
+    load_settings,
+    parse_listen_address,
+)
 from proxy.demo import run_demo
 from proxy.errors import ConfigError, ListenError, TokenUnavailable, describe_client_error
 from proxy.forwarder import new_upstream_session
+from proxy.logs import configure_logging
 from proxy.metrics import Metrics
+from proxy.reload import ConfigSource
 from proxy.server import serve
 from proxy.store import TokenStoreError
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
@@ -35,17 +43,22 @@ _SHOWN_BYTES = 200
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
-    _configure_logging(logging.WARNING if arguments.command == "check" else logging.INFO)
+    # Until the config says how to log: text, for the person who started the command.
+    configure_logging(
+        LogSettings(level="warning" if arguments.command == "check" else "info", format="text")
+    )
     try:
         if arguments.command == "demo":
             asyncio.run(run_demo(arguments.listen, arguments.admin_listen))
             return EXIT_OK
-        settings = load_settings(_config_path(arguments.config))
+        path = _config_path(arguments.config)
+        settings = load_settings(path)
         if arguments.command == "check":
             return asyncio.run(check(settings, sys.stdout))
+        source = ConfigSource(path, settings)
         if arguments.workers > 1:
-            return run_workers(settings, arguments.workers, logging.INFO)
-        asyncio.run(serve(settings))
+            return run_workers(source, arguments.workers)
+        asyncio.run(serve(settings, source=source))
         return EXIT_OK
     except ConfigError as exc:
         print(f"skill-engine-proxy: config error: {exc}", file=sys.stderr)
@@ -115,14 +128,6 @@ def _config_path(given: str | None) -> str:
             "(no config file)", [(None, f"pass --config FILE or set {CONFIG_VARIABLE}")]
         )
     return path
-
-
-def _configure_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 async def check(settings: Settings, out: TextIO) -> int:

@@ -129,6 +129,19 @@ def _service_url(value: str, *, what: str) -> str:
     return str(url).rstrip("/")
 
 
+def _lowered(value: object) -> object:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _file_mode(value: object) -> int:
+    """A permission mode such as `"0660"` (or YAML's octal 0660, already an int)."""
+    if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
+        value = int(value.replace("o", ""), 8)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise ValueError('expected permission bits in octal, such as "0660"')
+    return value
+
+
 def _not_a_boolean(value: object) -> object:
     # pydantic would read `true` as 1 second.
     if isinstance(value, bool):
@@ -171,6 +184,9 @@ class AuthSettings(_Section):
     client_id: NonEmpty
     client_secret: SecretStr | None = None
     client_secret_file: Path | None = None
+    client_secret_next: SecretStr | None = None
+    """The next secret during a rotation: tried when the current one is rejected."""
+    client_secret_next_file: Path | None = None
     audience: NonEmpty
     tenant: NonEmpty
     scopes: tuple[str, ...] | None = None
@@ -184,7 +200,7 @@ class AuthSettings(_Section):
     def _check_token_url(cls, value: str | None) -> str | None:
         return None if value is None else _service_url(value, what="the token URL")
 
-    @field_validator("client_secret")
+    @field_validator("client_secret", "client_secret_next")
     @classmethod
     def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value():
@@ -202,6 +218,8 @@ class AuthSettings(_Section):
             raise ValueError("set region (eu or us) or token_url")
         if (self.client_secret is None) == (self.client_secret_file is None):
             raise ValueError("set exactly one of client_secret and client_secret_file")
+        if self.client_secret_next is not None and self.client_secret_next_file is not None:
+            raise ValueError("set at most one of client_secret_next and client_secret_next_file")
         return self
 
     @property
@@ -215,6 +233,11 @@ class AuthSettings(_Section):
     def secret(self) -> SecretStr:
         assert self.client_secret is not None, "load_settings reads client_secret_file"
         return self.client_secret
+
+    def secret_files(self) -> list[Path]:
+        """The files the secrets were read from, to notice when they change."""
+        files = (self.client_secret_file, self.client_secret_next_file)
+        return [file for file in files if file is not None]
 
 
 def _scope_set(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -294,6 +317,27 @@ class TokenStoreSettings(_Section):
         return value
 
 
+class LogSettings(_Section):
+    """What the proxy logs, and in which form."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lowered)] = (
+        "info"
+    )
+    format: Literal["json", "text"] = "json"
+    access: bool = True
+    """One line per request on the access logger."""
+
+
+class ShutdownSettings(_Section):
+    """How the proxy stops after SIGTERM or SIGINT."""
+
+    drain_delay: Seconds = 5.0
+    """Seconds `/readyz` answers 503 while the proxy still serves, so that load balancers
+    and Kubernetes endpoints stop sending before the listeners close."""
+    timeout: Seconds = 30.0
+    """Seconds requests in flight get to finish once the listeners are closed."""
+
+
 DEFAULT_TENANT = "default"
 
 
@@ -318,6 +362,15 @@ class Settings(_Section):
     token_store: TokenStoreSettings = TokenStoreSettings()
     replay_body_limit: Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=0)] = 65536
     """Largest request body (bytes, known length) kept to replay after an upstream 401."""
+    unix_socket_mode: Annotated[int, BeforeValidator(_file_mode)] = 0o660
+    """Permissions of the socket files of `unix:` listeners: who may connect."""
+    log: LogSettings = LogSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+
+    def secret_files(self) -> list[Path]:
+        """Every file a client secret was read from."""
+        auths = [tenant.auth for tenant in self.all_tenants().values()]
+        return [file for auth in auths for file in auth.secret_files()]
 
     def all_tenants(self) -> dict[str, Tenant]:
         """Every tenant by name; the top-level auth and upstream are "default"."""
@@ -522,12 +575,12 @@ def _describe(error: Any) -> tuple[str | None, str]:
 
 def _with_secret_files_read(settings: Settings, *, file: str) -> Settings:
     def resolved(auth: AuthSettings, key: str) -> AuthSettings:
-        if auth.client_secret_file is None:
-            return auth
-        secret = read_secret_file(
-            auth.client_secret_file, file=file, key=f"{key}.client_secret_file"
-        )
-        return auth.model_copy(update={"client_secret": secret})
+        update = {}
+        for field in ("client_secret", "client_secret_next"):
+            path = getattr(auth, f"{field}_file")
+            if path is not None:
+                update[field] = read_secret_file(path, file=file, key=f"{key}.{field}_file")
+        return auth.model_copy(update=update) if update else auth
 
     update: dict[str, Any] = {}
     if settings.auth is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -31,6 +32,7 @@ from proxy.errors import (
     UpstreamUnreachable,
     describe_client_error,
 )
+from proxy.logs import REQUEST_ID_HEADER, AccessRecord
 from proxy.metrics import Metrics
 from proxy.routes import SCOPES_HEADER, TENANT_HEADER, Destination
 from proxy.tokens import Token, TokenKeeper
@@ -277,6 +279,7 @@ class RequestBody:
         self._keep_limit = keep_limit
         self.kept: bytes | None = None
         self.failure: BaseException | None = None
+        self.received = 0
 
     @property
     def replayable(self) -> bool:
@@ -301,6 +304,7 @@ class RequestBody:
                     chunk = await self._content.readany()
                 if not chunk:
                     return
+                self.received += len(chunk)
                 yield chunk
         except Exception as exc:
             self.failure = exc
@@ -324,6 +328,7 @@ class _Exchange:
     url: URL
     headers: CIMultiDict[str]
     body: RequestBody
+    record: AccessRecord
 
     @property
     def upstream(self) -> UpstreamSettings:
@@ -348,11 +353,15 @@ class Forwarder:
         self._session = session
         self._tokens = tokens
         self._metrics = metrics
-        self._replay_body_limit = replay_body_limit
+        self.replay_body_limit = replay_body_limit
+        """Largest body kept to replay after a 401; a reload may change it."""
         self._by_tenant: dict[str, _TenantMetrics] = {}
 
-    async def forward(self, request: web.Request, destination: Destination) -> web.StreamResponse:
-        """Forward `request` upstream and stream the answer back."""
+    async def forward(
+        self, request: web.Request, destination: Destination, record: AccessRecord
+    ) -> web.StreamResponse:
+        """Forward `request` upstream and stream the answer back; note in `record` what
+        the access line tells."""
         upstream = destination.tenant.upstream
         exchange = _Exchange(
             request,
@@ -360,8 +369,18 @@ class Forwarder:
             # encoded=True: path and query reach the upstream exactly as the client sent them.
             URL(upstream.url + destination.path, encoded=True),
             self._upstream_headers(request),
-            RequestBody(request, upstream.read_timeout, self._replay_body_limit),
+            RequestBody(request, upstream.read_timeout, self.replay_body_limit),
+            record,
         )
+        if record.generated:
+            exchange.headers[REQUEST_ID_HEADER] = record.request_id
+        try:
+            return await self._exchange(exchange)
+        finally:
+            record.bytes_in = exchange.body.received
+
+    async def _exchange(self, exchange: _Exchange) -> web.StreamResponse:
+        request, record = exchange.request, exchange.record
         max_forwards = _max_forwards(request)
         if max_forwards == 0:
             # The proxy is the final recipient of this OPTIONS (RFC 9110 7.6.2).
@@ -374,6 +393,7 @@ class Forwarder:
         if expects_continue(request):
             await request.writer.write(_CONTINUE)
         await self._read_body(exchange)
+        record.upstream_started = time.perf_counter()
         answer = await self._send(exchange)
         if answer.status == 401:
             answer = await self._after_unauthorized(exchange, token, answer)
@@ -381,6 +401,7 @@ class Forwarder:
             return await self._stream_back(exchange, answer)
         finally:
             answer.release()
+            record.upstream_ended = time.perf_counter()
 
     def _counters(self, tenant: str) -> _TenantMetrics:
         counters = self._by_tenant.get(tenant)
@@ -516,11 +537,15 @@ class Forwarder:
             raise self._unrelayable(
                 exchange, f"a {exc.name} header holding bytes that are not UTF-8"
             ) from None
+        if exchange.record.generated and REQUEST_ID_HEADER not in response.headers:
+            response.headers[REQUEST_ID_HEADER] = exchange.record.request_id
+        sent = 0
         try:
             await response.prepare(request)
             request[SENT_STATUS] = response.status
             async for chunk in answer.content.iter_any():
                 await response.write(chunk)
+                sent += len(chunk)
             await response.write_eof()
         except ConnectionError:
             logger.debug("The client went away while its answer was streamed.")
@@ -538,6 +563,8 @@ class Forwarder:
             # Content-Length) is the only way to tell the client the body is incomplete.
             if request.transport is not None:
                 request.transport.close()
+        finally:
+            exchange.record.bytes_out = sent
         return response
 
 

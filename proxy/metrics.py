@@ -113,12 +113,21 @@ class Metrics:
             ["backend"],
             registry=registry,
         )
+        self.config_reloads = Counter(
+            f"{PREFIX}_config_reloads",
+            "Config reloads (SIGHUP, or a changed config or secret file), by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
         self.requests_in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being proxied now.",
             registry=registry,
             multiprocess_mode="livesum",
         )
+
+    def reloaded(self, succeeded: bool) -> None:
+        self.config_reloads.labels("success" if succeeded else "error").inc()
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The metrics in the format `accept` prefers (Prometheus text or OpenMetrics).

@@ -65,6 +65,10 @@ class Router:
         from the listener `address` of a route."""
         self._sockets[socket_name] = address
 
+    def adopt_listeners(self, previous: Router) -> None:
+        """Take over the sockets `previous` was told about: the listeners outlive a reload."""
+        self._sockets.update(previous._sockets)
+
     def default_keys(self) -> list[TokenKey]:
         """The token key of each route with a fixed tenant, when no scopes are asked for."""
         keys = []

@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.app import (
     IN_FLIGHT,
-    ROUTER,
+    WIRING,
     Lifecycle,
     Phase,
     create_admin_app,
@@ -25,13 +25,13 @@ from proxy.app import (
 )
 from proxy.config import ListenAddress, Settings
 from proxy.errors import ListenError
+from proxy.logs import configure_logging
 from proxy.metrics import Metrics
-from proxy.tokens import Clock
+from proxy.reload import ConfigSource, Reloader
+from proxy.tokens import Clock, TokenKeeper
 
 logger = logging.getLogger("skill_engine_proxy")
 
-# In-flight requests get this long to finish once the proxy stops accepting.
-SHUTDOWN_GRACE = 30.0
 # What is left of the shutdown once no request is in flight: closing idle connections.
 _CLOSE_TIMEOUT = 1.0
 
@@ -60,14 +60,12 @@ class ProxyServer:
         settings: Settings,
         *,
         clock: Clock | None = None,
-        shutdown_grace: float = SHUTDOWN_GRACE,
         reuse_port: bool = False,
         sockets: Mapping[ListenAddress, socket.socket] | None = None,
     ) -> None:
         """`reuse_port` and `sockets` are for workers: TCP listeners are bound with
         SO_REUSEPORT beside the other workers', unix socket listeners are the supervisor's."""
         self.settings = settings
-        self._shutdown_grace = shutdown_grace
         self._reuse_port = reuse_port
         self._sockets = dict(sockets or {})
         server_logger = logging.getLogger("aiohttp.server")
@@ -128,11 +126,33 @@ class ProxyServer:
             ),
         )
 
+    @property
+    def tokens(self) -> TokenKeeper:
+        """The token keeper of the proxy app (once started)."""
+        return self._proxy_app[WIRING].tokens
+
+    async def reconfigure(self, settings: Settings) -> None:
+        """Serve under `settings` (a reload); the listeners stay as they are."""
+        await self._proxy_app[WIRING].reconfigure(settings)
+        self.settings = settings
+
+    async def drain(self) -> None:
+        """Answer `/readyz` with 503 and keep serving for `shutdown.drain_delay`, so that
+        load balancers and Kubernetes endpoints stop sending before the listeners close."""
+        self.lifecycle.phase = Phase.DRAINING
+        delay = self.settings.shutdown.drain_delay
+        logger.info(
+            "Draining: /readyz answers 503; still serving for %g s (shutdown.drain_delay).",
+            delay,
+        )
+        await asyncio.sleep(delay)
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish within the grace period, close."""
+        """Stop accepting, let in-flight requests finish within `shutdown.timeout`, close."""
         self.lifecycle.phase = Phase.DRAINING
         logger.info(
-            "Stopping: no new connections; in-flight requests get %g s.", self._shutdown_grace
+            "Stopping: no new connections; requests in flight get %g s (shutdown.timeout).",
+            self.settings.shutdown.timeout,
         )
         if self._proxy.server is not None:
             for site in list(self._proxy.sites):
@@ -145,14 +165,15 @@ class ProxyServer:
 
     async def _drain(self) -> None:
         in_flight = self._proxy_app[IN_FLIGHT]
-        deadline = asyncio.get_running_loop().time() + self._shutdown_grace
+        timeout = self.settings.shutdown.timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         while in_flight and (left := deadline - asyncio.get_running_loop().time()) > 0:
             await asyncio.wait(set(in_flight), timeout=left)
         if in_flight:
             logger.warning(
                 "%d requests still in flight after %g s; cutting them off.",
                 len(in_flight),
-                self._shutdown_grace,
+                timeout,
             )
             for task in in_flight:
                 task.cancel()
@@ -187,8 +208,7 @@ class ProxyServer:
         if inherited is not None:
             site = web.SockSite(runner, inherited)
         elif address.path is not None:
-            claim_unix_path(address)
-            site = web.UnixSite(runner, address.path)
+            site = web.SockSite(runner, bind_unix_socket(address, self.settings.unix_socket_mode))
         else:
             site = web.TCPSite(
                 runner,
@@ -204,7 +224,7 @@ class ProxyServer:
             raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
         bound = [name for name in runner.addresses if name not in before]
         if route_listener:
-            router = self._proxy_app[ROUTER]
+            router = self._proxy_app[WIRING].router
             for name in bound:
                 router.bind(name[:2] if isinstance(name, tuple) else name, address)
         if address.path is not None:
@@ -213,6 +233,23 @@ class ProxyServer:
             return f"unix:{address.path}"
         host, port = bound[0][:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind_unix_socket(address: ListenAddress, mode: int) -> socket.socket:
+    """A unix socket bound at `address` with permissions `mode`, not yet listening.
+
+    The mode is set between bind and listen: no client can connect before it holds.
+    """
+    assert address.path is not None
+    claim_unix_path(address)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address.path)
+        os.chmod(address.path, mode)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
+    return sock
 
 
 def _identity(path: str) -> tuple[int, int]:
@@ -294,12 +331,36 @@ async def serve(
     settings: Settings,
     stop_signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
     parent: int | None = None,
+    *,
+    source: ConfigSource | None = None,
+    worker: int | None = None,
     **options: Any,
 ) -> None:
-    """`run`: serve until one of `stop_signals` (or, for a worker, until its supervisor
-    is gone), then drain and return; `options` go to `ProxyServer`."""
+    """`run`: log as `settings.log` says, serve until one of `stop_signals` (or, for a
+    worker, until its supervisor is gone), then drain and return. With `source`, reload
+    on SIGHUP and when its files change. `options` go to `ProxyServer`."""
+    configure_logging(settings.log, worker=worker)
     server = ProxyServer(settings, **options)
+
+    async def reconfigure(new: Settings) -> None:
+        configure_logging(new.log, worker=worker)
+        await server.reconfigure(new)
+
     with StopSignals(stop_signals, parent) as signals:
         await server.start()
-        await signals.wait()
+        reloader = None
+        if source is not None:
+            reloader = Reloader(source, settings, reconfigure, outcome=server.metrics.reloaded)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
+            # A worker starts with SIGHUP blocked, so that it does not die of one before now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            reloader.start()
+        try:
+            await signals.wait()
+        finally:
+            if reloader is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
+                await reloader.close()
+        await server.drain()
         await server.stop()

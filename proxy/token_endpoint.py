@@ -7,11 +7,13 @@ endpoint's failures into the proxy's errors; `tokens.parse_token_response` judge
 from __future__ import annotations
 
 import json
+import logging
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
+from pydantic import SecretStr
 
 from proxy import __version__
 from proxy.config import AuthSettings
@@ -24,6 +26,8 @@ from proxy.errors import (
 )
 from proxy.metrics import Metrics
 from proxy.tokens import Clock, SystemClock, Token, TokenKey, parse_token_response
+
+logger = logging.getLogger("skill_engine_proxy")
 
 # A token answer is a few kilobytes; more than this is not a token endpoint talking.
 MAX_ANSWER_BYTES = 64 * 1024
@@ -55,11 +59,14 @@ def client_of(key: TokenKey) -> tuple[str, str, str, str]:
     return key.token_url, key.client_id, key.audience, key.tenant
 
 
-def token_request_body(auth: AuthSettings, scopes: tuple[str, ...] | None) -> dict[str, Any]:
-    """The documented client-credentials request; `scopes` only when there are some."""
+def token_request_body(
+    auth: AuthSettings, scopes: tuple[str, ...] | None, secret: SecretStr | None = None
+) -> dict[str, Any]:
+    """The documented client-credentials request, with `secret` or else the configured
+    client secret; `scopes` only when there are some."""
     body: dict[str, Any] = {
         "client_id": auth.client_id,
-        "client_secret": auth.secret.get_secret_value(),
+        "client_secret": (secret or auth.secret).get_secret_value(),
         "audience": auth.audience,
         "grant_type": "client_credentials",
         "tenant": auth.tenant,
@@ -79,7 +86,12 @@ def new_token_session() -> aiohttp.ClientSession:
 
 
 class TokenEndpoint:
-    """Requests tokens for one set of client credentials."""
+    """Requests tokens for one set of client credentials.
+
+    During a rotation (`auth.client_secret_next` set), a rejected current secret is
+    followed at once by a try with the next one; if that works, it is the secret used
+    from then on.
+    """
 
     def __init__(
         self,
@@ -94,13 +106,57 @@ class TokenEndpoint:
         self._metrics = metrics
         self._clock = clock or SystemClock()
         self._url = auth.resolved_token_url
+        self._secrets = (auth.secret, auth.client_secret_next)
+        self._promoted = False
+        """The next secret worked where the current one was rejected: it is used now."""
+
+    def successor(self, auth: AuthSettings) -> TokenEndpoint:
+        """The endpoint for the same client after a reload read `auth`; a next secret
+        already promoted stays promoted while the configured secrets are unchanged."""
+        endpoint = TokenEndpoint(self._session, auth, self._metrics, clock=self._clock)
+        endpoint._promoted = self._promoted and endpoint._secrets == self._secrets
+        return endpoint
+
+    @property
+    def secret(self) -> SecretStr:
+        """The secret tokens are requested with now."""
+        current, following = self._secrets
+        return following if self._promoted and following is not None else current
+
+    def has_credentials_of(self, other: TokenEndpoint) -> bool:
+        """Whether `other` requests tokens with the same secrets as this endpoint."""
+        return self._secrets == other._secrets
 
     async def fetch(self, key: TokenKey) -> Token:
         """Request a token for `key`; raise a `TokenUnavailable` that says why not."""
+        current, following = self._secrets
+        if self._promoted and following is not None:
+            return await self._counted(key, following)
+        try:
+            return await self._counted(key, current)
+        except CredentialsRejected:
+            if following is None:
+                raise
+        try:
+            token = await self._counted(key, following)
+        except CredentialsRejected as exc:
+            raise CredentialsRejected(
+                f"{exc} auth.client_secret_next was rejected too, as was the current secret."
+            ) from None
+        self._promoted = True
+        logger.warning(
+            "The client secret for tenant %s was rejected; auth.client_secret_next worked "
+            "and is used from now on. Make it the client secret and remove "
+            "client_secret_next to finish the rotation.",
+            self._auth.tenant,
+        )
+        return token
+
+    async def _counted(self, key: TokenKey, secret: SecretStr) -> Token:
         tenant = self._auth.tenant
         started = time.perf_counter()
         try:
-            token = await self._request(key)
+            token = await self._request(key, secret)
         except TokenUnavailable:
             self._metrics.token_fetches.labels(tenant, "error").inc()
             raise
@@ -111,8 +167,8 @@ class TokenEndpoint:
         self._metrics.token_expiry.labels(tenant, key.scopes_label).set(token.expires_at_wall)
         return token
 
-    async def _request(self, key: TokenKey) -> Token:
-        body = json.dumps(token_request_body(self._auth, key.scopes)).encode()
+    async def _request(self, key: TokenKey, secret: SecretStr) -> Token:
+        body = json.dumps(token_request_body(self._auth, key.scopes, secret)).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         obtained_at = self._clock.now()
         wall_time = time.time()
@@ -185,7 +241,9 @@ class TokenEndpoint:
         if not words:
             return ""
         # Mask first: trimming or replacing characters could break the secret's match.
-        words = words.replace(self._auth.secret.get_secret_value(), "***")
+        for secret in self._secrets:
+            if secret is not None:
+                words = words.replace(secret.get_secret_value(), "***")
         words = "".join(c if c.isprintable() else " " for c in words)[:300]
         return f": {words}"
 

@@ -314,6 +314,10 @@ class _KeyState:
     last_drop: float = -math.inf
     refused: Token | None = None
     """The last token the upstream refused: a shared store's copy of it is not taken."""
+    renew_now: bool = False
+    """The credentials changed: fetch a new token as soon as no fetch is under way."""
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once a fetch for this key has succeeded."""
     expiry_reported: bool = False
     short_warned: bool = False
     skew_warned: bool = False
@@ -396,10 +400,46 @@ class TokenKeeper:
         # A caller that gives up (its client went away) must not cancel the others' fetch.
         return await asyncio.shield(state.in_flight)
 
-    def keep(self, key: TokenKey) -> None:
+    def keep(self, key: TokenKey, kept: bool = True) -> None:
         """Retry the token for `key` while it fails even when nobody asks for it: readiness
-        depends on it, and a proxy nobody sends requests to must become ready by itself."""
-        self._state(key).kept = True
+        depends on it, and a proxy nobody sends requests to must become ready by itself.
+        `kept=False` ends that, for a key no route needs at start any more."""
+        if kept:
+            self._state(key).kept = True
+        elif (state := self._states.get(key)) is not None:
+            state.kept = False
+
+    def held_keys(self) -> list[TokenKey]:
+        """Every key the keeper holds a token or a worker for."""
+        return list(self._states)
+
+    def renew(self, key: TokenKey) -> None:
+        """Fetch a new token for `key` now, because its credentials changed; the current
+        token stays in use until the new one is in hand (or expires)."""
+        state = self._states.get(key)
+        if state is None or self._closed or (state.token is None and not state.is_failing()):
+            return  # nothing to replace: the next request fetches with the new credentials
+        state.renew_now = True
+        state.retry_at = -math.inf  # new credentials deserve a try before any cool-down ends
+        self._unpark(state)
+
+    def reconsider_policies(self) -> None:
+        """Read every key's renewal policy again (after a reload); the next token obeys it."""
+        for state in self._states.values():
+            state.policy = self._policy(state.key)
+
+    async def wait_for_tokens(self, keys: list[TokenKey]) -> None:
+        """Return once a fetch for each of `keys` (held by the keeper) has succeeded."""
+        await asyncio.gather(*(self._states[key].arrived.wait() for key in keys))
+
+    def forget(self, key: TokenKey) -> None:
+        """Drop `key`, its token and its worker: no route leads to it any more."""
+        state = self._states.pop(key, None)
+        if state is None:
+            return
+        for task in (state.worker, state.in_flight):
+            if task is not None:
+                task.cancel()
 
     def prefetch(self, key: TokenKey) -> None:
         """Fetch the token for `key` now, without waiting for it, and `keep` it."""
@@ -525,6 +565,7 @@ class TokenKeeper:
         return task
 
     async def _attempt(self, state: _KeyState) -> Token:
+        state.renew_now = False
         if state.failure is not None:
             self._events.retried(state.key, state.failure.reason)
         try:
@@ -574,7 +615,10 @@ class TokenKeeper:
 
     def _succeeded(self, state: _KeyState, token: Token) -> None:
         key = state.key
-        recovered = state.failure is not None
+        if state.failure is not None:
+            how = "fetched again after failures"
+        else:
+            how = "fetched" if state.token is None else "renewed"
         state.phase = KeyPhase.VALID
         state.token = token
         state.fetched = True
@@ -584,9 +628,10 @@ class TokenKeeper:
         state.failures = 0
         state.retry_at = -math.inf
         state.expiry_reported = False
+        state.arrived.set()
         logger.info(
             "Token %s for tenant %s (scopes: %s), valid for %.0f s, fingerprint %s",
-            "fetched again after failures" if recovered else "fetched",
+            how,
             key.tenant,
             key.scopes_label or "all",
             token.expires_at - token.obtained_at,
@@ -699,7 +744,7 @@ class TokenKeeper:
         if due is None or now < due:
             return
         idle = now - state.last_used >= state.policy.idle_after
-        if idle and not (state.kept and state.is_failing()):
+        if idle and not state.renew_now and not (state.kept and state.is_failing()):
             # Nobody asked for this key lately: spend no quota on it until someone does.
             # A failing key readiness depends on is retried all the same, so that the
             # proxy becomes ready again by itself when the token endpoint recovers.
@@ -715,6 +760,8 @@ class TokenKeeper:
     def _due(self, state: _KeyState) -> float | None:
         if state.parked:
             return None
+        if state.renew_now:
+            return -math.inf
         if state.phase is KeyPhase.VALID:
             return state.refresh_at
         if state.is_failing():

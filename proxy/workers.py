@@ -31,8 +31,10 @@ from types import FrameType
 from typing import Any
 
 from proxy.config import ListenAddress, Settings, TokenStoreSettings
+from proxy.logs import configure_logging
 from proxy.metrics import MULTIPROCESS_DIRECTORY
-from proxy.server import claim_unix_path, serve
+from proxy.reload import ConfigSource
+from proxy.server import bind_unix_socket, serve
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -42,8 +44,13 @@ _RESTART_WINDOW = 60.0
 _EXIT_FAILED = 1
 
 
-def run_workers(settings: Settings, count: int, log_level: int) -> int:
-    """Serve with `count` worker processes until SIGTERM or SIGINT; the exit status."""
+def run_workers(source: ConfigSource, count: int) -> int:
+    """Serve with `count` worker processes until SIGTERM or SIGINT; the exit status.
+
+    SIGHUP is passed on: each worker reloads the config itself.
+    """
+    settings = source.loaded
+    configure_logging(settings.log)
     with _shared_directories() as (tokens, metrics):
         os.environ[MULTIPROCESS_DIRECTORY] = str(metrics)
         if settings.token_store.backend == "memory":
@@ -62,7 +69,7 @@ def run_workers(settings: Settings, count: int, log_level: int) -> int:
                 settings.token_store.backend,
                 metrics,
             )
-            return _Supervisor(settings, count, sockets, log_level).run()
+            return _Supervisor(settings, count, sockets, source).run()
 
 
 @contextlib.contextmanager
@@ -118,9 +125,7 @@ def _unix_sockets(
     for address in addresses:
         if address is None or address.path is None or address in sockets:
             continue
-        claim_unix_path(address)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(address.path)
+        sock = bind_unix_socket(address, settings.unix_socket_mode)
         sock.listen(128)
         stack.callback(_remove_unix_socket, sock, address.path)
         sockets[address] = sock
@@ -139,12 +144,12 @@ class _Supervisor:
         settings: Settings,
         count: int,
         sockets: dict[ListenAddress, socket.socket],
-        log_level: int,
+        source: ConfigSource,
     ) -> None:
         self._settings = settings
         self._count = count
         self._sockets = sockets
-        self._log_level = log_level
+        self._source = source
         self._context = multiprocessing.get_context("spawn")
         self._workers: dict[int, Any] = {}
         self._restarts: list[float] = []
@@ -156,6 +161,7 @@ class _Supervisor:
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload_signal)
         try:
             for index in range(self._count):
                 self._start(index)
@@ -170,10 +176,16 @@ class _Supervisor:
     def _start(self, index: int) -> None:
         process = self._context.Process(
             target=_worker,
-            args=(self._settings, index, self._sockets, self._log_level),
+            args=(self._settings, index, self._sockets, self._source),
             name=f"skill-engine-proxy worker {index}",
         )
-        process.start()
+        # A new process dies of SIGHUP until it can handle it: it starts with SIGHUP
+        # blocked (the mask is inherited), and unblocks it once its handler is in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         self._workers[index] = process
         logger.info("Worker %d started (pid %d).", index, process.pid)
 
@@ -215,6 +227,12 @@ class _Supervisor:
         logger.info("Received %s: the workers drain and stop.", signal.Signals(signum).name)
         self._stop_all()
 
+    def _on_reload_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        logger.info("Received SIGHUP: the workers reload the config.")
+        for process in self._workers.values():
+            if process.is_alive():
+                os.kill(process.pid, signal.SIGHUP)
+
     def _stop_all(self) -> None:
         self._stopping = True
         for process in self._workers.values():
@@ -240,13 +258,9 @@ def _worker(
     settings: Settings,
     index: int,
     sockets: dict[ListenAddress, socket.socket],
-    log_level: int,
+    source: ConfigSource,
 ) -> None:
     """A worker process: the proxy, on listeners it shares with the other workers."""
-    logging.basicConfig(
-        level=log_level,
-        format=f"%(asctime)s %(levelname)s %(name)s [worker {index}]: %(message)s",
-    )
     # Ctrl-C reaches the whole process group; the supervisor answers it by sending each
     # worker SIGTERM, which a worker must not take for a second, impatient signal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -257,6 +271,8 @@ def _worker(
             stop_signals=(signal.SIGTERM,),
             # A supervisor killed outright must not leave its workers serving on.
             parent=None if supervisor is None else supervisor.sentinel,
+            source=source,
+            worker=index,
             reuse_port=True,
             sockets=sockets,
         )

@@ -6,7 +6,10 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,14 @@ TENANT = "acme_test"
 
 def settings_document(standin_token_url: str, upstream_url: str, **auth: Any) -> dict[str, Any]:
     """A config document for the stand-ins; `auth` keys override the defaults, and
-    `upstream` holds keys of the upstream section."""
+    `upstream` holds keys of the upstream section. Logs are text (tests read them as a
+    person would) and a stop does not wait for load balancers."""
     upstream = auth.pop("upstream", {})
     return {
         "listen": "127.0.0.1:0",
         "admin_listen": "127.0.0.1:0",
+        "log": {"format": "text"},
+        "shutdown": {"drain_delay": 0},
         "upstream": {"url": upstream_url, **upstream},
         "auth": {
             "token_url": standin_token_url,
@@ -148,5 +154,69 @@ def proxy_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "proxy", *arguments]
 
 
+def console_script() -> str:
+    """The `skill-engine-proxy` command installed beside this Python."""
+    return str(Path(sys.executable).parent / "skill-engine-proxy")
+
+
 def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+LISTENING = re.compile(r"Listening on (http://\S+) \(admin: (http://\S+)\)")
+
+
+@dataclass
+class Running:
+    """A proxy process and everything it has written to stderr so far."""
+
+    process: asyncio.subprocess.Process
+    proxy_url: str = ""
+    admin_url: str = ""
+    stderr: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.stderr)
+
+    async def wait_for_log(self, text: str) -> None:
+        while text not in self.log:
+            assert self.process.returncode is None, self.log
+            await asyncio.sleep(0.02)
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        self.process.send_signal(signum)
+        return await asyncio.wait_for(self.process.wait(), timeout=30)
+
+
+async def collect_lines(stream: asyncio.StreamReader, lines: list[str]) -> None:
+    while line := await stream.readline():
+        lines.append(line.decode())
+
+
+@asynccontextmanager
+async def running_proxy(config: Path) -> AsyncIterator[Running]:
+    """`skill-engine-proxy run --config` (the console script, as a user runs it), waited
+    on until it says where it listens."""
+    process = await asyncio.create_subprocess_exec(
+        console_script(),
+        "run",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    assert process.stderr is not None
+    running = Running(process)
+    reader = asyncio.create_task(collect_lines(process.stderr, running.stderr))
+    try:
+        await running.wait_for_log("Listening on")
+        match = LISTENING.search(running.log)
+        assert match, running.log
+        running.proxy_url, running.admin_url = match.groups()
+        yield running
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await reader

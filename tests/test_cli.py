@@ -7,7 +7,6 @@ import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -19,65 +18,13 @@ from tests.conftest import Standins, StartStandins
 from tests.support import (
     SECRET,
     HeldRoute,
+    collect_lines,
     proxy_command,
+    running_proxy,
     settings_document,
     subprocess_env,
     write_config,
 )
-
-LISTENING = re.compile(r"Listening on (http://\S+) \(admin: (http://\S+)\)")
-
-
-@dataclass
-class Running:
-    """A proxy process and everything it has written to stderr so far."""
-
-    process: asyncio.subprocess.Process
-    proxy_url: str = ""
-    admin_url: str = ""
-    stderr: list[str] = field(default_factory=list)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.stderr)
-
-    async def wait_for_log(self, text: str) -> None:
-        while text not in self.log:
-            assert self.process.returncode is None, self.log
-            await asyncio.sleep(0.02)
-
-    async def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.process.send_signal(signum)
-        return await asyncio.wait_for(self.process.wait(), timeout=30)
-
-
-async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    while line := await stream.readline():
-        lines.append(line.decode())
-
-
-@asynccontextmanager
-async def running_proxy(config: Path) -> AsyncIterator[Running]:
-    """`run --config`, waited on until it says where it listens."""
-    process = await asyncio.create_subprocess_exec(
-        *proxy_command("run", "--config", str(config)),
-        stderr=asyncio.subprocess.PIPE,
-        env=subprocess_env(),
-    )
-    assert process.stderr is not None
-    running = Running(process)
-    reader = asyncio.create_task(_collect(process.stderr, running.stderr))
-    try:
-        await running.wait_for_log("Listening on")
-        match = LISTENING.search(running.log)
-        assert match, running.log
-        running.proxy_url, running.admin_url = match.groups()
-        yield running
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        await reader
 
 
 async def run_command(*arguments: str) -> tuple[int, str, str]:
@@ -144,6 +91,39 @@ async def test_sigterm_lets_the_request_in_flight_finish(
         held.release.set()
         assert await in_flight == (200, "finished")
         assert await asyncio.wait_for(proxy.process.wait(), timeout=30) == 0
+
+
+async def test_sigterm_turns_readyz_503_and_serves_on_for_the_drain_delay(
+    tmp_path: Path, standins: Standins
+) -> None:
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["shutdown"] = {"drain_delay": 3, "timeout": 5}
+    config = write_config(tmp_path / "drain.yaml", document)
+    async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.admin_url}/readyz") as ready:
+            assert ready.status == 200
+        proxy.process.send_signal(signal.SIGTERM)
+        await proxy.wait_for_log("Draining")
+        async with client.get(f"{proxy.admin_url}/readyz") as draining:
+            assert draining.status == 503
+            assert "draining" in await draining.text()
+        async with client.get(f"{proxy.proxy_url}/version") as response:
+            assert response.status == 200  # still served while load balancers catch up
+        assert await asyncio.wait_for(proxy.process.wait(), timeout=30) == 0
+    assert proxy.log.index("Draining") < proxy.log.index("Stopping: no new connections")
+
+
+async def test_a_second_sigterm_during_the_drain_exits_at_once(
+    tmp_path: Path, standins: Standins
+) -> None:
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["shutdown"] = {"drain_delay": 600}
+    config = write_config(tmp_path / "drain.yaml", document)
+    async with running_proxy(config) as proxy:
+        proxy.process.send_signal(signal.SIGTERM)
+        await proxy.wait_for_log("Draining")
+        assert await proxy.stop(signal.SIGINT) == 1
+    assert "exiting without draining" in proxy.log
 
 
 @pytest.mark.parametrize(
@@ -257,7 +237,7 @@ async def running_demo(*arguments: str) -> AsyncIterator[str]:
     assert process.stdout is not None
     assert process.stderr is not None
     stderr: list[str] = []
-    reader = asyncio.create_task(_collect(process.stderr, stderr))
+    reader = asyncio.create_task(collect_lines(process.stderr, stderr))
     try:
         printed = ""
         while "Ctrl-C" not in printed:

@@ -95,6 +95,38 @@ def test_variables_expand_with_defaults_and_escapes(tmp_path: Path) -> None:
     assert settings.auth.tenant == "acme_${literal}"
 
 
+def test_operations_settings_get_the_contract_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL), {"SECRET_VAR": SECRET})
+    assert (settings.log.level, settings.log.format, settings.log.access) == ("info", "json", True)
+    assert (settings.shutdown.drain_delay, settings.shutdown.timeout) == (5, 30)
+    assert settings.unix_socket_mode == 0o660
+    assert settings.auth.client_secret_next is None
+
+
+def test_operations_settings_are_read(tmp_path: Path) -> None:
+    text = "log: {level: DEBUG, format: text, access: false}\n" + MINIMAL
+    text = "shutdown: {drain_delay: 0, timeout: 2.5}\nunix_socket_mode: 0600\n" + text
+    settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+    assert (settings.log.level, settings.log.format, settings.log.access) == (
+        "debug",
+        "text",
+        False,
+    )
+    assert (settings.shutdown.drain_delay, settings.shutdown.timeout) == (0, 2.5)
+    assert settings.unix_socket_mode == 0o600  # YAML reads 0600 as octal
+
+
+def test_the_next_secret_is_read_from_its_file(tmp_path: Path) -> None:
+    next_file = tmp_path / "next"
+    next_file.write_text("next-" + SECRET + "\n")
+    text = MINIMAL.replace("  audience:", f"  client_secret_next_file: {next_file}\n  audience:")
+    settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+    assert settings.auth.client_secret_next is not None
+    assert settings.auth.client_secret_next.get_secret_value() == "next-" + SECRET
+    assert settings.secret_files() == [next_file]
+    assert "next-" + SECRET not in repr(settings)
+
+
 def test_secret_file_is_read_without_its_trailing_newline(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
@@ -142,6 +174,23 @@ def test_secret_file_is_read_without_its_trailing_newline(tmp_path: Path) -> Non
             "auth.prefetch: input should be a valid boolean",
         ),
         (("upstream:", "replay_body_limit: -1\nupstream:"), "replay_body_limit: input should be"),
+        (("upstream:", "log: {level: loud}\nupstream:"), "log.level: input should be 'debug'"),
+        (("upstream:", "log: {format: xml}\nupstream:"), "log.format: input should be 'json'"),
+        (("upstream:", "shutdown: {timeout: -1}\nupstream:"), "shutdown.timeout: input should"),
+        (("upstream:", "shutdown: {drain: 1}\nupstream:"), "shutdown.drain: unknown key"),
+        (("upstream:", "unix_socket_mode: 660\nupstream:"), "unix_socket_mode: expected perm"),
+        (("upstream:", "unix_socket_mode: '0o999'\nupstream:"), "unix_socket_mode: expected"),
+        (
+            ("tenant: company_xyz", "tenant: company_xyz\n  client_secret_next: ''"),
+            "auth.client_secret_next: must not be empty",
+        ),
+        (
+            (
+                "tenant: company_xyz",
+                "tenant: company_xyz\n  client_secret_next: a\n  client_secret_next_file: /b",
+            ),
+            "auth: set at most one of client_secret_next and client_secret_next_file",
+        ),
         (
             (
                 "url: https://skill-engine.example",

@@ -90,21 +90,21 @@ async def test_a_base_path_in_the_upstream_url_is_kept_as_a_prefix(
     assert standins.skill_engine.received[-1].raw_path == "/echo/base/v1/items?x=%2F"
 
 
-async def test_nothing_is_added_to_what_the_client_sent(
+async def test_nothing_is_added_to_what_the_client_sent_but_token_and_request_id(
     standins: Standins, proxy: ProxyServer
 ) -> None:
     await raw_exchange(
         proxy.proxy_url, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     names = [name.lower() for name, _ in standins.skill_engine.received[-1].raw_headers]
-    assert sorted(names) == [b"authorization", b"host"]
+    assert sorted(names) == [b"authorization", b"host", b"x-request-id"]
 
     await raw_exchange(
         proxy.proxy_url,
         b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
     )
     names = [name.lower() for name, _ in standins.skill_engine.received[-1].raw_headers]
-    assert sorted(names) == [b"authorization", b"content-length", b"host"]
+    assert sorted(names) == [b"authorization", b"content-length", b"host", b"x-request-id"]
 
 
 async def test_the_upstream_sees_its_own_host(standins: Standins, proxy: ProxyServer) -> None:
@@ -144,7 +144,7 @@ async def test_hop_by_hop_request_headers_are_not_forwarded(
         b"X-Kept: yes\r\n\r\n",
     )
     names = {name.lower() for name, _ in standins.skill_engine.received[-1].raw_headers}
-    assert names == {b"host", b"authorization", b"x-kept"}
+    assert names == {b"host", b"authorization", b"x-kept", b"x-request-id"}
 
 
 async def test_a_chunked_upload_is_forwarded_whole(standins: Standins, proxy: ProxyServer) -> None:

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
+import stat
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy.config import ListenAddress
+from proxy.config import ListenAddress, Settings, ShutdownSettings
 from proxy.errors import ListenError
 from proxy.server import ProxyServer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import HeldRoute, raw_exchange
+from tests.support import HeldRoute, raw_exchange, settings_document
 
 
 async def test_stop_lets_in_flight_requests_finish_and_reports_not_ready(
@@ -63,7 +65,10 @@ async def test_requests_still_in_flight_after_the_grace_period_are_cut_off(
 ) -> None:
     held = HeldRoute()
     standins = await start_standins(held.routes())
-    proxy = await start_proxy(standins.settings(), shutdown_grace=0.2)
+    settings = standins.settings()
+    proxy = await start_proxy(
+        settings.model_copy(update={"shutdown": ShutdownSettings(drain_delay=0, timeout=0.2)})
+    )
 
     async def stuck_call() -> int:
         async with client.get(f"{proxy.proxy_url}/slow") as response:
@@ -180,3 +185,21 @@ async def test_a_malformed_request_is_logged_without_its_bytes(
     assert "QUERY-VALUE" not in caplog.text
     assert "CLIENT-CRED" not in caplog.text
     assert "Refused a malformed request" in caplog.text
+
+
+@pytest.mark.parametrize(("configured", "mode"), [(None, 0o660), ("0600", 0o600), (0o666, 0o666)])
+async def test_unix_sockets_get_the_configured_mode(
+    tmp_path: Path,
+    standins: Standins,
+    start_proxy: StartProxy,
+    configured: object,
+    mode: int,
+) -> None:
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["listen"] = f"unix:{tmp_path / 'proxy.sock'}"
+    document["admin_listen"] = f"unix:{tmp_path / 'admin.sock'}"
+    if configured is not None:
+        document["unix_socket_mode"] = configured
+    await start_proxy(Settings.model_validate(document))
+    for name in ("proxy.sock", "admin.sock"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode

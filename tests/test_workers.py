@@ -120,6 +120,19 @@ async def test_a_worker_that_dies_is_replaced(supervisor: Supervisor) -> None:
     assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
 
 
+async def test_sighup_reaches_every_worker_even_one_just_started(supervisor: Supervisor) -> None:
+    await listening(supervisor)
+    first = int((await supervisor.wait_for(r"Worker 0 started \(pid (\d+)\)"))[0].group(1))
+    os.kill(first, signal.SIGKILL)
+    await supervisor.wait_for(r"Worker 0 started \(pid (\d+)\)", 2)
+    # Worker 0 is starting again: the SIGHUP waits for its handler instead of killing it.
+    supervisor.process.send_signal(signal.SIGHUP)
+    await supervisor.wait_for(r"\[worker \d\]: Reloaded the config", 2)
+    assert "exited with status -1" not in supervisor.log  # SIGHUP is signal 1
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

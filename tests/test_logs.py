@@ -1,0 +1,257 @@
+"""Logs: JSON and text lines, the access line, request ids, and no secret at any level."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.config import LogSettings
+from proxy.logs import access_logger, configure_logging
+from proxy.server import ProxyServer
+from proxy.standins import Answer
+from tests.conftest import Standins, StartProxy, StartStandins
+from tests.support import SECRET, TENANT
+
+Capture = Callable[..., io.StringIO]
+
+
+@pytest.fixture
+def capture_logs() -> Iterator[Capture]:
+    """Send the proxy's logs, formatted as `configure_logging` formats them, to a buffer."""
+    root = logging.getLogger()
+    level = root.level
+    installed: list[logging.Handler] = []
+
+    def capture(**settings: Any) -> io.StringIO:
+        buffer = io.StringIO()
+        handler = configure_logging(LogSettings(**settings), stream=buffer)
+        # The proxy runs without aiohttp's access log: its lines here are the stand-ins'.
+        handler.addFilter(lambda record: record.name != "aiohttp.access")
+        installed.append(handler)
+        return buffer
+
+    yield capture
+    for handler in installed:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    access_logger.setLevel(logging.NOTSET)
+
+
+def json_lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+
+def access_lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [line for line in json_lines(buffer) if line["logger"] == "skill_engine_proxy.access"]
+
+
+async def test_json_logs_are_one_object_per_line_with_level_logger_and_time(
+    capture_logs: Capture, standins: Standins, start_proxy: StartProxy
+) -> None:
+    output = capture_logs(format="json")
+    await start_proxy(standins.settings())
+
+    lines = json_lines(output)
+    listening = next(line for line in lines if line["message"].startswith("Listening on"))
+    assert listening["level"] == "INFO"
+    assert listening["logger"] == "skill_engine_proxy"
+    assert listening["time"].startswith("20")
+
+
+async def test_the_access_line_has_every_field(
+    capture_logs: Capture,
+    standins: Standins,
+    proxy: ProxyServer,
+    client: aiohttp.ClientSession,
+) -> None:
+    output = capture_logs(format="json")
+    async with client.post(
+        f"{proxy.proxy_url}/echo/items?secret-query=1", data=b"12345"
+    ) as response:
+        body = await response.read()
+
+    (line,) = access_lines(output)
+    assert line["message"] == "POST /echo/items 200"
+    assert line["method"] == "POST"
+    assert line["path"] == "/echo/items"
+    assert line["status"] == 200
+    assert line["tenant"] == TENANT
+    assert line["bytes_in"] == 5
+    assert line["bytes_out"] == len(body)
+    assert line["duration_ms"] >= line["upstream_ms"] > 0
+    assert line["request_id"] == response.headers["X-Request-ID"]
+    assert "secret-query" not in output.getvalue()
+
+
+async def test_the_text_access_line_reads_as_key_value_pairs(
+    capture_logs: Capture, standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    output = capture_logs(format="text")
+    async with client.get(
+        f"{proxy.proxy_url}/version", headers={"X-Request-ID": "abc 123"}
+    ) as response:
+        await response.read()
+
+    (line,) = [line for line in output.getvalue().splitlines() if "access" in line]
+    assert " skill_engine_proxy.access: GET /version 200 duration_ms=" in line
+    assert f"tenant={TENANT} request_id='abc 123'" in line
+    assert "bytes_in=0" in line
+
+
+async def test_a_proxy_error_is_logged_with_its_status_and_no_upstream_time(
+    capture_logs: Capture, start_standins: StartStandins, start_proxy: StartProxy
+) -> None:
+    output = capture_logs(format="json")
+    standins = await start_standins()
+    standins.tokens.answer_next(Answer(500), times=100)
+    proxy = await start_proxy(standins.settings())
+    async with aiohttp.ClientSession() as client, client.get(f"{proxy.proxy_url}/v") as response:
+        assert response.status == 503
+        assert response.headers["X-Request-ID"]
+
+    (line,) = access_lines(output)
+    assert line["status"] == 503
+    assert line["upstream_ms"] is None
+    assert line["bytes_out"] == response.content_length
+
+
+async def test_access_lines_can_be_switched_off_and_do_not_follow_the_level(
+    capture_logs: Capture, standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    loud = capture_logs(format="json", level="error")
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        await response.read()
+    assert len(access_lines(loud)) == 1
+
+    quiet = capture_logs(format="json", access=False)
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        await response.read()
+    assert access_lines(quiet) == []
+
+
+async def test_a_client_request_id_is_forwarded_as_sent_and_logged(
+    capture_logs: Capture, standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    output = capture_logs(format="json")
+    async with client.get(
+        f"{proxy.proxy_url}/echo", headers={"X-Request-ID": "client-id-42"}
+    ) as response:
+        await response.read()
+
+    assert standins.skill_engine.received[-1].header_values("X-Request-ID") == ["client-id-42"]
+    assert "X-Request-ID" not in response.headers  # the client knows its own id
+    assert access_lines(output)[0]["request_id"] == "client-id-42"
+
+
+async def test_without_one_a_request_id_is_made_sent_upstream_and_returned(
+    standins: Standins, proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    async with client.get(f"{proxy.proxy_url}/echo") as first:
+        await first.read()
+    async with client.get(f"{proxy.proxy_url}/echo") as second:
+        await second.read()
+
+    sent = [received.header_values("X-Request-ID") for received in standins.skill_engine.received]
+    assert sent[-2:] == [[first.headers["X-Request-ID"]], [second.headers["X-Request-ID"]]]
+    assert first.headers["X-Request-ID"] != second.headers["X-Request-ID"]
+
+
+async def test_an_upstream_request_id_in_the_answer_is_not_doubled(
+    start_standins: StartStandins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.get("/own-id")
+    async def own_id(request: web.Request) -> web.Response:
+        return web.Response(headers={"X-Request-ID": "upstream-" + request.headers["X-Request-ID"]})
+
+    standins = await start_standins(routes)
+    proxy = await start_proxy(standins.settings())
+    async with client.get(f"{proxy.proxy_url}/own-id") as response:
+        values = response.headers.getall("X-Request-ID")
+    assert len(values) == 1
+    assert values[0].startswith("upstream-")
+
+
+async def test_lifecycle_events_are_logged_at_info(
+    capture_logs: Capture, standins: Standins, start_proxy: StartProxy
+) -> None:
+    output = capture_logs(format="json")
+    proxy = await start_proxy(standins.settings())
+    async with aiohttp.ClientSession() as client, client.get(f"{proxy.admin_url}/readyz"):
+        pass
+    await proxy.stop()
+
+    messages = [line["message"] for line in json_lines(output) if line["level"] == "INFO"]
+    assert any(message.startswith("Listening on") for message in messages)
+    fetched = next(message for message in messages if message.startswith("Token fetched"))
+    assert f"tenant {TENANT}" in fetched
+    assert "valid for 3600 s, fingerprint" in fetched
+    assert any(message.startswith("Stopping") for message in messages)
+    assert "Stopped." in messages
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_no_secret_token_or_cookie_in_any_log_at_debug(
+    log_format: str,
+    capture_logs: Capture,
+    start_standins: StartStandins,
+    start_proxy: StartProxy,
+) -> None:
+    """Every path the proxy has, at DEBUG: success, replay after a 401, cookies both ways,
+    token endpoint failures and rejections (echoing the secret), refused requests."""
+    output = capture_logs(level="debug", format=log_format)
+    routes = web.RouteTableDef()
+
+    @routes.get("/cookie")
+    async def cookie(_request: web.Request) -> web.Response:
+        response = web.Response(text="ok")
+        response.headers.add("Set-Cookie", "session=set-cookie-value")
+        return response
+
+    standins = await start_standins(routes)
+    proxy = await start_proxy(standins.settings())
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
+        for path, headers in [
+            ("/version", {"Authorization": "Bearer client-own-token"}),
+            ("/cookie", {"Cookie": "session=cookie-value"}),
+            ("/echo?q=query-value", {"Proxy-Authorization": "Basic proxy-credential"}),
+        ]:
+            async with client.get(f"{proxy.proxy_url}{path}", headers=headers) as response:
+                await response.read()
+
+        tokens = list(standins.tokens.issued)
+        standins.tokens.revoke_all()  # the next request meets a 401 and is replayed
+        async with client.get(f"{proxy.proxy_url}/version") as response:
+            await response.read()
+
+        async with client.request("TRACE", f"{proxy.proxy_url}/version") as response:
+            assert response.status == 400
+
+    rejecting = await start_proxy(standins.settings(client_secret="wrong-" + SECRET))
+    standins.tokens.answer_next(
+        Answer(401, {"error": "access_denied", "error_description": "bad: wrong-" + SECRET}), 5
+    )
+    async with aiohttp.ClientSession() as client, client.get(f"{rejecting.proxy_url}/v") as answer:
+        assert answer.status == 503
+
+    text = output.getvalue()
+    assert "Token fetched" in text
+    tokens += list(standins.tokens.issued)
+    for secret in (
+        SECRET,
+        *tokens,
+        "client-own-token",
+        "cookie-value",
+        "set-cookie-value",
+        "proxy-credential",
+        "query-value",
+    ):
+        assert secret not in text
