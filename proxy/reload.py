@@ -155,7 +155,14 @@ class Reloader:
         effective = self._keep_restart_only(settings)
         self._loaded = settings
         self._signatures = self._observe()  # the secret files the new config names
-        await self._apply(effective)
+        try:
+            await self._apply(effective)
+        except Exception:
+            logger.exception(
+                "Applying the reloaded config failed; the proxy serves on with what it had."
+            )
+            self._outcome(False)
+            return
         self._running = effective
         self._outcome(True)
         logger.info("Reloaded the config from %s.", self._path)
