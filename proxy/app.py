@@ -34,6 +34,7 @@ from proxy.forwarder import (
     strip_server_defaults,
 )
 from proxy.metrics import Metrics, TokenMetrics, method_label
+from proxy.network import Outbound
 from proxy.routes import Destination, Router
 from proxy.store import open_store
 from proxy.token_endpoint import TokenEndpoint, client_of, new_token_session, token_key
@@ -113,13 +114,16 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         clock,
         lambda key: secrets[client_of(key)].get_secret_value(),
     )
-    token_session = new_token_session()
-    upstream_session = new_upstream_session()
+    outbound = Outbound.for_settings(settings)
+    token_session = new_token_session(outbound)
+    upstream_session = new_upstream_session(outbound)
     endpoints, policies = {}, {}
     for tenant in router.tenants.values():
         auth = tenant.auth
         client = client_of(token_key(auth))
-        endpoints[client] = TokenEndpoint(token_session, auth, metrics, clock=clock)
+        endpoints[client] = TokenEndpoint(
+            token_session, auth, metrics, clock=clock, outbound=outbound
+        )
         policies[client] = RenewalPolicy(auth.refresh_margin, auth.refresh_at, auth.idle_after)
 
     async def fetch(key: TokenKey) -> Token:
@@ -136,7 +140,11 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
     )
     app[TOKENS] = tokens
     app[FORWARDER] = Forwarder(
-        upstream_session, tokens, metrics, replay_body_limit=settings.replay_body_limit
+        upstream_session,
+        tokens,
+        metrics,
+        replay_body_limit=settings.replay_body_limit,
+        outbound=outbound,
     )
     keys = router.default_keys()
     prefetched = [key for key in keys if router.tenant_of(key).auth.prefetch]

@@ -22,6 +22,7 @@ from proxy.demo import run_demo
 from proxy.errors import ConfigError, ListenError, TokenUnavailable, describe_client_error
 from proxy.forwarder import new_upstream_session
 from proxy.metrics import Metrics
+from proxy.network import Outbound
 from proxy.server import serve
 from proxy.store import TokenStoreError
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
@@ -44,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command == "check":
             return asyncio.run(check(settings, sys.stdout))
         if arguments.workers > 1:
+            # Each worker chooses its proxies too; an unusable proxy variable stops this
+            # process here rather than every worker in turn.
+            Outbound.for_settings(settings)
             return run_workers(settings, arguments.workers, logging.INFO)
         asyncio.run(serve(settings))
         return EXIT_OK
@@ -129,9 +133,13 @@ async def check(settings: Settings, out: TextIO) -> int:
     """For each tenant, fetch a token and call `GET /version` with it, the documented way
     to test a token."""
     failed = False
-    async with new_token_session() as token_session, new_upstream_session() as session:
+    outbound = Outbound.for_settings(settings)
+    async with (
+        new_token_session(outbound) as token_session,
+        new_upstream_session(outbound) as session,
+    ):
         for tenant in settings.all_tenants().values():
-            failed |= not await _check_tenant(tenant, token_session, session, out)
+            failed |= not await _check_tenant(tenant, token_session, session, outbound, out)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -139,10 +147,11 @@ async def _check_tenant(
     tenant: Tenant,
     token_session: aiohttp.ClientSession,
     session: aiohttp.ClientSession,
+    outbound: Outbound,
     out: TextIO,
 ) -> bool:
     auth = tenant.auth
-    endpoint = TokenEndpoint(token_session, auth, Metrics())
+    endpoint = TokenEndpoint(token_session, auth, Metrics(), outbound=outbound)
     try:
         token = await endpoint.fetch(token_key(auth))
     except TokenUnavailable as exc:
@@ -156,6 +165,7 @@ async def _check_tenant(
 
     url = f"{tenant.upstream.url}/version"
     upstream = tenant.upstream
+    proxy = outbound.proxy_for(upstream.url)
     try:
         async with session.get(
             url,
@@ -164,6 +174,8 @@ async def _check_tenant(
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=upstream.connect_timeout, sock_read=upstream.read_timeout
             ),
+            proxy=proxy.url,
+            proxy_headers=proxy.headers,
         ) as response:
             status = response.status
             location = response.headers.get("Location")

@@ -23,6 +23,7 @@ from proxy.errors import (
     describe_client_error,
 )
 from proxy.metrics import Metrics
+from proxy.network import Outbound
 from proxy.tokens import Clock, SystemClock, Token, TokenKey, parse_token_response
 
 # A token answer is a few kilobytes; more than this is not a token endpoint talking.
@@ -69,9 +70,11 @@ def token_request_body(auth: AuthSettings, scopes: tuple[str, ...] | None) -> di
     return body
 
 
-def new_token_session() -> aiohttp.ClientSession:
-    """A session for token requests: verified TLS, no cookies kept between requests."""
+def new_token_session(outbound: Outbound) -> aiohttp.ClientSession:
+    """A session for token requests: TLS always verified (the client secret goes only to a
+    proven token endpoint), no cookies kept between requests."""
     return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=outbound.token_tls),
         timeout=aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT),
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": f"skill-engine-proxy/{__version__}"},
@@ -88,12 +91,14 @@ class TokenEndpoint:
         metrics: Metrics,
         *,
         clock: Clock | None = None,
+        outbound: Outbound,
     ) -> None:
         self._session = session
         self._auth = auth
         self._metrics = metrics
         self._clock = clock or SystemClock()
         self._url = auth.resolved_token_url
+        self._proxy = outbound.proxy_for(self._url)
 
     async def fetch(self, key: TokenKey) -> Token:
         """Request a token for `key`; raise a `TokenUnavailable` that says why not."""
@@ -118,7 +123,12 @@ class TokenEndpoint:
         wall_time = time.time()
         try:
             async with self._session.post(
-                self._url, data=body, headers=headers, allow_redirects=False
+                self._url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                proxy=self._proxy.url,
+                proxy_headers=self._proxy.headers,
             ) as response:
                 answer = await _read_limited(response)
                 status = response.status
