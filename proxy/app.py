@@ -37,6 +37,7 @@ from proxy.forwarder import (
 )
 from proxy.logs import REQUEST_ID_HEADER, AccessRecord, access_logger, log_access
 from proxy.metrics import Metrics, TokenMetrics, method_label
+from proxy.network import Outbound
 from proxy.routes import Destination, Router
 from proxy.store import TokenStore, open_store
 from proxy.token_endpoint import TokenEndpoint, client_of, new_token_session, token_key
@@ -113,9 +114,10 @@ async def _clients(app: web.Application) -> AsyncIterator[None]:
         clock,
         lambda key: wiring.endpoints[client_of(key)].secret.get_secret_value(),
     )
-    token_session = new_token_session()
-    upstream_session = new_upstream_session()
-    wiring.start(token_session, upstream_session, store)
+    outbound = Outbound.for_settings(settings)
+    token_session = new_token_session(outbound)
+    upstream_session = new_upstream_session(outbound)
+    wiring.start(token_session, upstream_session, store, outbound)
     app[LIFECYCLE].token_problem = wiring.token_problem
     yield
     await wiring.close()
@@ -147,8 +149,10 @@ class Wiring:
         token_session: aiohttp.ClientSession,
         upstream_session: aiohttp.ClientSession,
         store: TokenStore,
+        outbound: Outbound,
     ) -> None:
         self._token_session = token_session
+        self._outbound = outbound
         self._set_endpoints(self.router)
 
         async def fetch(key: TokenKey) -> Token:
@@ -168,6 +172,7 @@ class Wiring:
             self.tokens,
             self._metrics,
             replay_body_limit=self.settings.replay_body_limit,
+            outbound=outbound,
         )
         self._watch(self.router)
 
@@ -244,7 +249,11 @@ class Wiring:
             previous = self.endpoints.get(client)
             if previous is None:
                 endpoints[client] = TokenEndpoint(
-                    self._token_session, auth, self._metrics, clock=self._clock
+                    self._token_session,
+                    auth,
+                    self._metrics,
+                    clock=self._clock,
+                    outbound=self._outbound,
                 )
             else:
                 endpoints[client] = previous.successor(auth)

@@ -29,6 +29,7 @@ from proxy.errors import ConfigError, ListenError, TokenUnavailable, describe_cl
 from proxy.forwarder import new_upstream_session
 from proxy.logs import configure_logging
 from proxy.metrics import Metrics
+from proxy.network import Outbound
 from proxy.reload import ConfigSource
 from proxy.server import serve
 from proxy.store import TokenStoreError
@@ -57,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(check(settings, sys.stdout))
         source = ConfigSource(path, settings)
         if arguments.workers > 1:
+            # Each worker chooses its proxies too; an unusable proxy variable stops this
+            # process here rather than every worker in turn.
+            Outbound.for_settings(settings)
             return run_workers(source, arguments.workers)
         asyncio.run(serve(settings, source=source))
         return EXIT_OK
@@ -134,9 +138,13 @@ async def check(settings: Settings, out: TextIO) -> int:
     """For each tenant, fetch a token and call `GET /version` with it, the documented way
     to test a token."""
     failed = False
-    async with new_token_session() as token_session, new_upstream_session() as session:
+    outbound = Outbound.for_settings(settings)
+    async with (
+        new_token_session(outbound) as token_session,
+        new_upstream_session(outbound) as session,
+    ):
         for tenant in settings.all_tenants().values():
-            failed |= not await _check_tenant(tenant, token_session, session, out)
+            failed |= not await _check_tenant(tenant, token_session, session, outbound, out)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -144,10 +152,11 @@ async def _check_tenant(
     tenant: Tenant,
     token_session: aiohttp.ClientSession,
     session: aiohttp.ClientSession,
+    outbound: Outbound,
     out: TextIO,
 ) -> bool:
     auth = tenant.auth
-    endpoint = TokenEndpoint(token_session, auth, Metrics())
+    endpoint = TokenEndpoint(token_session, auth, Metrics(), outbound=outbound)
     try:
         token = await endpoint.fetch(token_key(auth))
     except TokenUnavailable as exc:
@@ -161,6 +170,7 @@ async def _check_tenant(
 
     url = f"{tenant.upstream.url}/version"
     upstream = tenant.upstream
+    proxy = outbound.proxy_for(upstream.url)
     try:
         async with session.get(
             url,
@@ -169,6 +179,8 @@ async def _check_tenant(
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=upstream.connect_timeout, sock_read=upstream.read_timeout
             ),
+            proxy=proxy.url,
+            proxy_headers=proxy.headers,
         ) as response:
             status = response.status
             location = response.headers.get("Location")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -101,7 +103,12 @@ def redact_url(value: str) -> str:
         url = URL(value)
     except ValueError:
         return "<unparseable URL>"
-    return str(url.with_user(None).with_password(None).with_query(None).with_fragment(None))
+    url = url.with_query(None).with_fragment(None)
+    if not url.absolute:
+        # No host, so yarl saw no user or password; but it reads `user:pw@host` as the
+        # scheme `user` and a path.
+        return "<URL without a host>" if "@" in str(url) else str(url)
+    return str(url.with_user(None).with_password(None))
 
 
 def _service_url(value: str, *, what: str) -> str:
@@ -170,6 +177,104 @@ class UpstreamSettings(_Section):
     @classmethod
     def _check_url(cls, value: str) -> str:
         return _service_url(value, what="the upstream URL")
+
+
+def parse_proxy_url(value: str) -> URL:
+    """An outbound proxy's address: an http:// or https:// URL with a host and nothing after
+    it. It may carry user:password, so messages show it through `redact_url`."""
+    try:
+        url = URL(value)
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    shown = redact_url(value)
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {shown!r}")
+    if url.raw_path not in ("", "/") or url.raw_query_string or url.raw_fragment:
+        raise ValueError(
+            f"must be a proxy address such as http://proxy.example:3128, got {shown!r}"
+        )
+    if url.user is not None and ":" in url.user:
+        # RFC 7617 section 2: Basic credentials cannot tell such a name from its password.
+        raise ValueError("the proxy user name must not contain ':'")
+    return url
+
+
+class NetworkSettings(_Section):
+    """How the proxy reaches the token endpoints and the upstreams: proxies and TLS.
+
+    The files are tried at load, so that one the proxy cannot use is an error naming its
+    key, not a failed connection later. They are read again when the proxy starts.
+    """
+
+    trust_env: bool = True
+    """Take the outbound proxy from HTTPS_PROXY, HTTP_PROXY and NO_PROXY."""
+    proxy: SecretStr | None = None
+    """The outbound proxy's URL, ahead of the environment's; secret, as it may hold a
+    password."""
+    ca_file: Path | None = None
+    """More CA certificates to trust, beside the system's, for every outbound connection."""
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    insecure_skip_verify: bool = False
+    """Do not verify the upstream's certificate. The token endpoint is verified regardless."""
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_proxy_url(value.get_secret_value())
+        return value
+
+    @field_validator("ca_file", "client_cert")
+    @classmethod
+    def _check_certificates(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            # A client certificate file is read as a CA bundle too: it must hold a certificate.
+            _try_tls_file(value, lambda context: context.load_verify_locations(cafile=value))
+        return value
+
+    @field_validator("client_key")
+    @classmethod
+    def _check_client_key(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        certificate = info.data.get("client_cert")
+        if value is None or certificate is None:
+            return value
+        # password=b"": an encrypted key fails here instead of OpenSSL asking on the terminal.
+        _try_tls_file(
+            value,
+            lambda context: context.load_cert_chain(certificate, value, password=b""),
+            certificate=certificate,
+        )
+        return value
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> NetworkSettings:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("set client_cert and client_key together, or neither")
+        return self
+
+
+def _try_tls_file(
+    path: Path, load: Callable[[ssl.SSLContext], None], *, certificate: Path | None = None
+) -> None:
+    """Load `path` into a throwaway context; a ValueError says why it cannot be used, and
+    never quotes the file."""
+    try:
+        content = path.read_bytes()
+        load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    except ssl.SSLError as exc:
+        if certificate is None:
+            raise ValueError(f"{path} holds no PEM certificate") from None
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(f"{path} is not the key of the certificate {certificate}") from None
+        if b"ENCRYPTED" in content:
+            raise ValueError(
+                f"{path} is encrypted; the proxy needs the key unencrypted (protect the "
+                "file with its permissions instead)"
+            ) from None
+        raise ValueError(f"{path} holds no PEM private key") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
 
 
 class AuthSettings(_Section):
@@ -359,6 +464,7 @@ class Settings(_Section):
     auth: AuthSettings | None = None
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     routes: tuple[RouteSettings, ...] = ()
+    network: NetworkSettings = NetworkSettings()
     token_store: TokenStoreSettings = TokenStoreSettings()
     replay_body_limit: Annotated[int, BeforeValidator(_not_a_boolean), Field(ge=0)] = 65536
     """Largest request body (bytes, known length) kept to replay after an upstream 401."""

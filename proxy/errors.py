@@ -139,6 +139,16 @@ def describe_client_error(exc: BaseException) -> str:
     Never `str(exc)` of the request's own errors: aiohttp puts the URL in it, and a URL may
     carry a query the client did not mean for any log.
     """
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        problem = getattr(exc.certificate_error, "verify_message", None) or "not trusted"
+        return (
+            f"its TLS certificate was refused ({problem}); if your company's CA signs it, "
+            "as a TLS-inspecting firewall's does, name that CA in network.ca_file"
+        )
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return f"cannot connect to the outbound proxy ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return f"the outbound proxy refused the tunnel with HTTP {exc.status} {_words(exc.message)}"
     if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error is not None:
         return exc.os_error.strerror or str(exc.os_error)
     if isinstance(exc, TimeoutError):
@@ -148,13 +158,17 @@ def describe_client_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the body was cut short"
     if isinstance(exc, aiohttp.ClientResponseError):
-        # Parser messages quote the offending bytes after a colon: keep only what went wrong.
-        words = str(exc.message).partition(":")[0]
-        words = "".join(c if c.isprintable() else " " for c in words)
-        return f"not a valid HTTP answer ({words[:100]})"
+        return f"not a valid HTTP answer ({_words(exc.message)})"
     if isinstance(exc, aiohttp.ClientOSError):
         return exc.strerror or "the connection failed"
     return type(exc).__name__
+
+
+def _words(message: object) -> str:
+    """What went wrong, from an aiohttp message: parser messages quote the offending bytes
+    after a colon, and a reason phrase is the peer's own text."""
+    words = str(message).partition(":")[0]
+    return "".join(c if c.isprintable() else " " for c in words)[:100]
 
 
 def error_response(error: ProxyError) -> web.Response:

@@ -34,6 +34,7 @@ from proxy.errors import (
 )
 from proxy.logs import REQUEST_ID_HEADER, AccessRecord
 from proxy.metrics import Metrics
+from proxy.network import Outbound
 from proxy.routes import SCOPES_HEADER, TENANT_HEADER, Destination
 from proxy.tokens import Token, TokenKeeper
 
@@ -164,14 +165,15 @@ def _holds_raw_bytes(value: str) -> bool:
     return any("\udc80" <= character <= "\udcff" for character in value)
 
 
-def new_upstream_session() -> aiohttp.ClientSession:
-    """The one pooled session to the upstreams: verified TLS, no cookie jar, bodies as sent.
+def new_upstream_session(outbound: Outbound) -> aiohttp.ClientSession:
+    """The one pooled session to the upstreams: TLS as `network` says (verified unless it
+    says insecure), no cookie jar, bodies as sent.
 
-    Each request carries its tenant's upstream timeouts.
+    Each request carries its tenant's upstream timeouts and outbound proxy.
     """
     return aiohttp.ClientSession(
         # No pool limit: the proxy holds as many upstream connections as it has clients.
-        connector=aiohttp.TCPConnector(limit=0),
+        connector=aiohttp.TCPConnector(limit=0, ssl=outbound.upstream_tls),
         # Nothing one caller receives may be replayed on another caller's request.
         cookie_jar=aiohttp.DummyCookieJar(),
         # Bodies pass through as received: a gzip body keeps its bytes and Content-Encoding.
@@ -349,8 +351,10 @@ class Forwarder:
         metrics: Metrics,
         *,
         replay_body_limit: int,
+        outbound: Outbound,
     ) -> None:
         self._session = session
+        self._outbound = outbound
         self._tokens = tokens
         self._metrics = metrics
         self.replay_body_limit = replay_body_limit
@@ -468,6 +472,7 @@ class Forwarder:
 
     async def _send(self, exchange: _Exchange) -> aiohttp.ClientResponse:
         request = exchange.request
+        proxy = self._outbound.proxy_for(exchange.upstream.url)
         try:
             return await self._session.request(
                 request.method,
@@ -476,6 +481,8 @@ class Forwarder:
                 data=exchange.body.data(),
                 allow_redirects=False,
                 timeout=_timeout(exchange.upstream),
+                proxy=proxy.url,
+                proxy_headers=proxy.headers,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             if request.transport is None or exchange.body.failure is not None:
@@ -576,6 +583,8 @@ def _timeout(upstream: UpstreamSettings) -> aiohttp.ClientTimeout:
 
 def upstream_error_reason(exc: BaseException) -> str:
     """The `reason` label for an upstream failure."""
+    if isinstance(exc, aiohttp.ClientProxyConnectionError | aiohttp.ClientHttpProxyError):
+        return "proxy"
     if isinstance(exc, aiohttp.ClientSSLError):
         return "tls"
     if isinstance(exc, TimeoutError):

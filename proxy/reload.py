@@ -8,8 +8,8 @@ the symlink and sees the new file, whatever its mtime says.
 
 A new config that does not load is refused with one ERROR, and the running config keeps
 serving. Settings that need new listeners or new connections to take effect (the listen
-addresses, the token store, the unix socket mode) are logged as waiting for a restart,
-and the running ones are kept.
+addresses, the token store, the unix socket mode, the network settings) are logged as
+waiting for a restart, and the running ones are kept.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ logger = logging.getLogger("skill_engine_proxy")
 
 WATCH_INTERVAL = 1.0
 # Top-level settings a running process cannot change: they are bound into its listeners,
-# its token store and its sockets' permissions.
-RESTART_ONLY = ("listen", "admin_listen", "token_store", "unix_socket_mode")
+# its token store, its sockets' permissions and its connection pools (proxies, TLS).
+RESTART_ONLY = ("listen", "admin_listen", "token_store", "unix_socket_mode", "network")
 
 Apply = Callable[[Settings], Awaitable[None]]
 Outcome = Callable[[bool], None]

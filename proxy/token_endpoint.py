@@ -25,6 +25,7 @@ from proxy.errors import (
     describe_client_error,
 )
 from proxy.metrics import Metrics
+from proxy.network import Outbound
 from proxy.tokens import Clock, SystemClock, Token, TokenKey, parse_token_response
 
 logger = logging.getLogger("skill_engine_proxy")
@@ -76,9 +77,11 @@ def token_request_body(
     return body
 
 
-def new_token_session() -> aiohttp.ClientSession:
-    """A session for token requests: verified TLS, no cookies kept between requests."""
+def new_token_session(outbound: Outbound) -> aiohttp.ClientSession:
+    """A session for token requests: TLS always verified (the client secret goes only to a
+    proven token endpoint), no cookies kept between requests."""
     return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=outbound.token_tls),
         timeout=aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT),
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": f"skill-engine-proxy/{__version__}"},
@@ -100,12 +103,15 @@ class TokenEndpoint:
         metrics: Metrics,
         *,
         clock: Clock | None = None,
+        outbound: Outbound,
     ) -> None:
         self._session = session
         self._auth = auth
         self._metrics = metrics
         self._clock = clock or SystemClock()
         self._url = auth.resolved_token_url
+        self._outbound = outbound
+        self._proxy = outbound.proxy_for(self._url)
         self._secrets = (auth.secret, auth.client_secret_next)
         self._promoted = False
         """The next secret worked where the current one was rejected: it is used now."""
@@ -113,7 +119,9 @@ class TokenEndpoint:
     def successor(self, auth: AuthSettings) -> TokenEndpoint:
         """The endpoint for the same client after a reload read `auth`; a next secret
         already promoted stays promoted while the configured secrets are unchanged."""
-        endpoint = TokenEndpoint(self._session, auth, self._metrics, clock=self._clock)
+        endpoint = TokenEndpoint(
+            self._session, auth, self._metrics, clock=self._clock, outbound=self._outbound
+        )
         endpoint._promoted = self._promoted and endpoint._secrets == self._secrets
         return endpoint
 
@@ -174,7 +182,12 @@ class TokenEndpoint:
         wall_time = time.time()
         try:
             async with self._session.post(
-                self._url, data=body, headers=headers, allow_redirects=False
+                self._url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                proxy=self._proxy.url,
+                proxy_headers=self._proxy.headers,
             ) as response:
                 answer = await _read_limited(response)
                 status = response.status

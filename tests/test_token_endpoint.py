@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.config import AuthSettings
+from proxy.config import AuthSettings, NetworkSettings
 from proxy.errors import (
     BadTokenResponse,
     CredentialsRejected,
@@ -17,6 +17,7 @@ from proxy.errors import (
     TokenUnavailable,
 )
 from proxy.metrics import Metrics
+from proxy.network import Outbound
 from proxy.standins import Answer
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key, token_request_body
 from proxy.tokens import Token
@@ -27,11 +28,12 @@ from tests.support import AUDIENCE, CLIENT_ID, SECRET, TENANT
 @pytest.fixture
 async def fetch(standins: Standins) -> AsyncIterator[Any]:
     """Fetch one token from the stand-in with the given auth overrides."""
-    async with new_token_session() as session:
+    outbound = Outbound(NetworkSettings())
+    async with new_token_session(outbound) as session:
 
         async def fetch_token(**auth: Any) -> Token:
             settings = standins.settings(**auth).auth
-            endpoint = TokenEndpoint(session, settings, Metrics())
+            endpoint = TokenEndpoint(session, settings, Metrics(), outbound=outbound)
             return await endpoint.fetch(token_key(settings))
 
         yield fetch_token
