@@ -35,7 +35,7 @@ from proxy.forwarder import (
     new_upstream_session,
     strip_server_defaults,
 )
-from proxy.logs import REQUEST_ID_HEADER, AccessRecord, access_logger, log_access
+from proxy.logs import REQUEST_ID_HEADER, AccessRecord, access_log
 from proxy.metrics import Metrics, TokenMetrics, method_label
 from proxy.network import Outbound
 from proxy.routes import Destination, Router
@@ -326,11 +326,11 @@ def _count(request: web.Request, record: AccessRecord, status: int) -> None:
     destination = request.get(DESTINATION)
     # A request that found no route has no tenant: "" keeps the label set bounded.
     tenant = "" if destination is None else destination.key.tenant
-    method = method_label(request.method)
-    metrics.request_duration.labels(tenant, method).observe(time.perf_counter() - record.started)
-    metrics.requests.labels(tenant, method, str(status)).inc()
-    if access_logger.isEnabledFor(logging.INFO):
-        log_access(
+    metrics.count_request(
+        tenant, method_label(request.method), status, time.perf_counter() - record.started
+    )
+    if access_log.enabled:
+        access_log.write(
             record, method=request.method, path=logged_path(request), status=status, tenant=tenant
         )
 

@@ -72,6 +72,9 @@ _REQUEST_FIELDS_NOT_FORWARDED = HOP_BY_HOP | {
     SCOPES_HEADER.lower(),
 }
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# An answer with a Content-Length up to this is read whole before it is relayed (as nginx
+# buffers answers), so that its header and body leave in one write.
+WHOLE_ANSWER_LIMIT = 64 * 1024
 # What the proxy itself answers to OPTIONS with Max-Forwards: 0 (RFC 9110 7.6.2).
 _ALLOWED_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
@@ -82,7 +85,7 @@ _NO_AUTO_HEADERS = frozenset(
 
 
 class ForwardedResponse(web.StreamResponse):
-    """A response that relays an upstream answer.
+    """A response that relays an upstream answer, its body streamed as it arrives.
 
     aiohttp's server adds Server, and Content-Type to any response with a body; the
     `strip_server_defaults` hook takes those out again when the upstream did not send them.
@@ -95,9 +98,26 @@ class ForwardedResponse(web.StreamResponse):
             reason=_reason(upstream),
             headers=forwardable_headers(upstream.raw_headers, HOP_BY_HOP),
         )
-        self.added_by_server = tuple(
-            name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in upstream.headers
+        self.added_by_server = _added_by_server(upstream)
+
+
+class WholeForwardedResponse(web.Response):
+    """A relayed answer whose body was read whole: aiohttp writes it with the header in one
+    system call instead of two, the largest saving on a small request (bench/)."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse, body: bytes) -> None:
+        """Raises `UnrelayableHeader` when an upstream header cannot be passed on intact."""
+        super().__init__(
+            body=body,
+            status=upstream.status,
+            reason=_reason(upstream),
+            headers=forwardable_headers(upstream.raw_headers, HOP_BY_HOP),
         )
+        self.added_by_server = _added_by_server(upstream)
+
+
+def _added_by_server(upstream: aiohttp.ClientResponse) -> tuple[str, ...]:
+    return tuple(name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in upstream.headers)
 
 
 def _reason(upstream: aiohttp.ClientResponse) -> str | None:
@@ -114,7 +134,7 @@ def _reason(upstream: aiohttp.ClientResponse) -> str | None:
 
 async def strip_server_defaults(_request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare` hook: a relayed answer carries only the upstream's headers."""
-    if isinstance(response, ForwardedResponse):
+    if isinstance(response, ForwardedResponse | WholeForwardedResponse):
         for name in response.added_by_server:
             response.headers.popall(name, None)
 
@@ -134,31 +154,44 @@ class UnrelayableHeader(Exception):
 def forwardable_headers(
     raw_headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[str]
 ) -> CIMultiDict[str]:
-    """The headers as received, in order and spelling, without `dropped` and without the
-    fields the Connection header names (RFC 9110 7.6.1); repeats kept."""
-    # Decoded as aiohttp decodes them: bytes that are not UTF-8 become lone surrogates.
-    headers = [
-        (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-        for name, value in raw_headers
-    ]
-    named = {
-        option.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for option in value.split(",")
-    }
-    kept: CIMultiDict[str] = CIMultiDict()
-    # aiohttp's client merges headers by exact spelling: a repeat spelled differently
-    # (X-A, then x-a) would replace the first. Every repeat takes the first spelling.
-    spelling: dict[str, str] = {}
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered in dropped or lowered in named:
-            continue
-        if not value.isascii() and _holds_raw_bytes(value):
-            raise UnrelayableHeader(name)
-        kept.add(spelling.setdefault(lowered, name), value)
+    """The headers as received, in order and spelling, without `dropped` (lower case) and
+    without the fields the Connection header names (RFC 9110 7.6.1); repeats kept.
+
+    The raw headers keep the sender's spelling, which aiohttp's parsed ones replace for
+    well-known names. Bytes that are not UTF-8 are decoded as aiohttp decodes them, to lone
+    surrogates, which its writer would drop: such a value raises `UnrelayableHeader`.
+    """
+    kept = CIMultiDict(
+        [
+            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+            for name, value in raw_headers
+        ]
+    )
+    if hdrs.CONNECTION in kept:
+        for value in kept.getall(hdrs.CONNECTION):
+            for option in value.split(","):
+                kept.popall(option.strip(), None)
+    for name in dropped:
+        if name in kept:
+            del kept[name]
+    if not "".join(kept.values()).isascii():
+        for name, value in kept.items():
+            if _holds_raw_bytes(value):
+                raise UnrelayableHeader(name)
+    if len(set(map(str.lower, kept.keys()))) < len(kept):
+        return _first_spelling(kept)
     return kept
+
+
+def _first_spelling(headers: CIMultiDict[str]) -> CIMultiDict[str]:
+    """`headers` with every repeat of a name spelled as its first occurrence: aiohttp's
+    client merges headers by exact spelling, so a repeat spelled differently (X-A, then
+    x-a) would replace the first."""
+    spelling: dict[str, str] = {}
+    respelled: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        respelled.add(spelling.setdefault(name.lower(), name), value)
+    return respelled
 
 
 def _holds_raw_bytes(value: str) -> bool:
@@ -538,14 +571,10 @@ class Forwarder:
             raise self._unrelayable(exchange, f"status {answer.status}")
         if not only_chunked(answer.headers):
             raise self._unrelayable(exchange, "a transfer coding other than chunked")
-        try:
-            response = ForwardedResponse(answer)
-        except UnrelayableHeader as exc:
-            raise self._unrelayable(
-                exchange, f"a {exc.name} header holding bytes that are not UTF-8"
-            ) from None
-        if exchange.record.generated and REQUEST_ID_HEADER not in response.headers:
-            response.headers[REQUEST_ID_HEADER] = exchange.record.request_id
+        if is_small(request, answer):
+            return await self._relay_whole(exchange, answer)
+
+        response = self._relayed(exchange, answer)
         sent = 0
         try:
             await response.prepare(request)
@@ -573,6 +602,50 @@ class Forwarder:
         finally:
             exchange.record.bytes_out = sent
         return response
+
+    async def _relay_whole(
+        self, exchange: _Exchange, answer: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        """Read a small answer whole; aiohttp sends it once the middleware has counted it.
+        Nothing has reached the client yet, so an upstream that breaks off gets a 502."""
+        try:
+            body = await answer.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._failure(exchange, exc) from exc
+        response = self._relayed(exchange, answer, body)
+        exchange.record.bytes_out = len(body)
+        return response
+
+    def _relayed(
+        self, exchange: _Exchange, answer: aiohttp.ClientResponse, body: bytes | None = None
+    ) -> ForwardedResponse | WholeForwardedResponse:
+        try:
+            response = (
+                ForwardedResponse(answer) if body is None else WholeForwardedResponse(answer, body)
+            )
+        except UnrelayableHeader as exc:
+            raise self._unrelayable(
+                exchange, f"a {exc.name} header holding bytes that are not UTF-8"
+            ) from None
+        if exchange.record.generated and REQUEST_ID_HEADER not in response.headers:
+            response.headers[REQUEST_ID_HEADER] = exchange.record.request_id
+        return response
+
+
+def is_small(request: web.Request, answer: aiohttp.ClientResponse) -> bool:
+    """Whether `answer` has a body of known length up to `WHOLE_ANSWER_LIMIT`.
+
+    HEAD, 204 and 304 answers have a Content-Length but no body (RFC 9110 8.6), and a
+    Transfer-Encoding overrides the length (RFC 9112 6.3): those stream as they are.
+    """
+    length = answer.content_length
+    return (
+        length is not None
+        and length <= WHOLE_ANSWER_LIMIT
+        and request.method != hdrs.METH_HEAD
+        and answer.status not in (204, 304)
+        and hdrs.TRANSFER_ENCODING not in answer.headers
+    )
 
 
 def _timeout(upstream: UpstreamSettings) -> aiohttp.ClientTimeout:

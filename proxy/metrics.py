@@ -125,6 +125,23 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self._request_children: dict[tuple[str, str, int], tuple[Histogram, Counter]] = {}
+
+    def count_request(self, tenant: str, method: str, status: int, seconds: float) -> None:
+        """Count one answered request. `method` is a `method_label`.
+
+        Each label set's children are looked up once: `labels()` takes a lock and builds a
+        key on every call, which the hot path need not pay. The label sets are bounded by the
+        config (tenant) and the protocol (method label, status).
+        """
+        children = self._request_children.get((tenant, method, status))
+        if children is None:
+            children = self._request_children[(tenant, method, status)] = (
+                self.request_duration.labels(tenant, method),
+                self.requests.labels(tenant, method, str(status)),
+            )
+        children[0].observe(seconds)
+        children[1].inc()
 
     def reloaded(self, succeeded: bool) -> None:
         self.config_reloads.labels("success" if succeeded else "error").inc()

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.forwarder import WHOLE_ANSWER_LIMIT
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
@@ -230,8 +231,11 @@ def upstream_routes(release: asyncio.Event) -> web.RouteTableDef:
     @routes.get("/broken/{framing}")
     async def broken(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
-        if request.match_info["framing"] == "length":
+        framing = request.match_info["framing"]
+        if framing == "length":
             response.content_length = 1000
+        elif framing == "large-length":
+            response.content_length = WHOLE_ANSWER_LIMIT + 1000
         await response.prepare(request)
         await response.write(b"only part")
         assert request.transport is not None
@@ -357,21 +361,29 @@ async def raw_upstream() -> AsyncIterator[RawUpstreams]:
     await upstreams.close()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"plain", b"x" * (WHOLE_ANSWER_LIMIT + 1)],
+    ids=["small-read-whole", "large-streamed"],
+)
 async def test_the_proxy_adds_no_content_type_or_server_of_its_own(
     standins: Standins,
     start_proxy: StartProxy,
     raw_upstream: RawUpstreams,
+    body: bytes,
 ) -> None:
-    upstream_url = await raw_upstream.start(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+    upstream_url = await raw_upstream.start(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
     proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
     response = await raw_exchange(
         proxy.proxy_url, b"GET /untyped HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert response.status == 200
-    assert response.body == b"plain"
+    assert response.body == body
     assert response.header_values("Content-Type") == []
     assert response.header_values("Server") == []
-    assert response.header_values("Content-Length") == ["5"]
+    assert response.header_values("Content-Length") == [str(len(body))]
     assert response.header_values("Transfer-Encoding") == []
     # RFC 9110 6.6.1: a Date is added when the upstream sent none.
     assert len(response.header_values("Date")) == 1
@@ -428,7 +440,7 @@ async def test_a_silent_upstream_gives_504(
         assert "read_timeout (0.5 s)" in (await response.json())["message"]
 
 
-@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("framing", ["large-length", "chunked"])
 async def test_an_answer_broken_off_midway_is_not_passed_as_complete(
     upstream_proxy: ProxyServer, client: aiohttp.ClientSession, framing: str
 ) -> None:
@@ -436,6 +448,15 @@ async def test_an_answer_broken_off_midway_is_not_passed_as_complete(
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await asyncio.wait_for(response.read(), timeout=10)
+
+
+async def test_a_small_answer_broken_off_midway_is_a_502(
+    upstream_proxy: ProxyServer, client: aiohttp.ClientSession
+) -> None:
+    """A small answer is read whole before its status goes out, so the client is told."""
+    async with client.get(f"{upstream_proxy.proxy_url}/broken/length") as response:
+        assert response.status == 502
+        assert (await response.json())["error"] == "upstream_unreachable"
 
 
 CHUNKED_BODY = b"5\r\nhello\r\n0\r\n\r\n"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -13,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from proxy.config import LogSettings
-from proxy.logs import access_logger, configure_logging
+from proxy.logs import AccessLog, AccessRecord, access_log, configure_logging
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
@@ -41,7 +44,7 @@ def capture_logs() -> Iterator[Capture]:
     for handler in installed:
         root.removeHandler(handler)
     root.setLevel(level)
-    access_logger.setLevel(logging.NOTSET)
+    access_log.configure(LogSettings(access=False), sys.stderr, None)
 
 
 def json_lines(buffer: io.StringIO) -> list[dict[str, Any]]:
@@ -255,3 +258,45 @@ async def test_no_secret_token_or_cookie_in_any_log_at_debug(
         "query-value",
     ):
         assert secret not in text
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_access_lines_of_one_loop_turn_leave_in_one_write() -> None:
+    stream = CountingStream()
+    log = AccessLog()
+    log.configure(LogSettings(format="json"), stream, worker=3)
+    for path in ("/a", "/b", "/c"):
+        log.write(AccessRecord.begin("id"), method="GET", path=path, status=200, tenant=TENANT)
+    assert stream.writes == 0
+
+    await asyncio.sleep(0)
+    assert stream.writes == 1
+    lines = json_lines(stream)
+    assert [line["path"] for line in lines] == ["/a", "/b", "/c"]
+    assert {line["worker"] for line in lines} == {3}
+
+
+async def test_access_and_operations_lines_share_their_shape(
+    capture_logs: Capture, standins: Standins, start_proxy: StartProxy
+) -> None:
+    output = capture_logs(format="json")
+    proxy = await start_proxy(standins.settings())
+    async with aiohttp.ClientSession() as client, client.get(f"{proxy.proxy_url}/version"):
+        pass
+
+    lines = json_lines(output)
+    operations = next(line for line in lines if line["logger"] == "skill_engine_proxy")
+    (access,) = access_lines(output)
+    for line in (operations, access):
+        assert {"time", "level", "logger", "message"} <= set(line)
+        assert datetime.fromisoformat(line["time"]).utcoffset() == timedelta(0)
+    assert access["level"] == "INFO"
