@@ -24,6 +24,7 @@ from yarl import URL
 
 from proxy.config import UpstreamSettings
 from proxy.errors import (
+    ERROR_HEADER,
     BadRequest,
     ClientGone,
     ProxyError,
@@ -71,6 +72,9 @@ _REQUEST_FIELDS_NOT_FORWARDED = HOP_BY_HOP | {
     TENANT_HEADER.lower(),
     SCOPES_HEADER.lower(),
 }
+# Answer fields not relayed: the hop-by-hop ones, and the header that marks the proxy's own
+# errors, which an upstream must not be able to forge.
+_ANSWER_FIELDS_NOT_RELAYED = HOP_BY_HOP | {ERROR_HEADER.lower()}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # An answer with a Content-Length up to this is read whole before it is relayed (as nginx
 # buffers answers), so that its header and body leave in one write.
@@ -96,7 +100,7 @@ class ForwardedResponse(web.StreamResponse):
         super().__init__(
             status=upstream.status,
             reason=_reason(upstream),
-            headers=forwardable_headers(upstream.raw_headers, HOP_BY_HOP),
+            headers=forwardable_headers(upstream.raw_headers, _ANSWER_FIELDS_NOT_RELAYED),
         )
         self.added_by_server = _added_by_server(upstream)
 
@@ -111,7 +115,7 @@ class WholeForwardedResponse(web.Response):
             body=body,
             status=upstream.status,
             reason=_reason(upstream),
-            headers=forwardable_headers(upstream.raw_headers, HOP_BY_HOP),
+            headers=forwardable_headers(upstream.raw_headers, _ANSWER_FIELDS_NOT_RELAYED),
         )
         self.added_by_server = _added_by_server(upstream)
 

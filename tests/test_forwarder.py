@@ -389,6 +389,21 @@ async def test_the_proxy_adds_no_content_type_or_server_of_its_own(
     assert len(response.header_values("Date")) == 1
 
 
+async def test_an_upstream_cannot_pass_its_answer_off_as_the_proxys_own_error(
+    standins: Standins, start_proxy: StartProxy, raw_upstream: RawUpstreams
+) -> None:
+    upstream_url = await raw_upstream.start(
+        b"HTTP/1.1 503 Service Unavailable\r\nX-Skill-Engine-Proxy-Error: token_unavailable\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
+    response = await raw_exchange(
+        proxy.proxy_url, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert response.status == 503
+    assert response.header_values(ERROR_HEADER) == []
+
+
 async def test_each_response_has_exactly_one_framing(upstream_proxy: ProxyServer) -> None:
     for path in ("/version", "/bytes/100", "/bytes/100?length=1", "/gzip"):
         response = await raw_exchange(
