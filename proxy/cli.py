@@ -31,7 +31,7 @@ from proxy.logs import configure_logging
 from proxy.metrics import Metrics
 from proxy.network import Outbound
 from proxy.reload import ConfigSource
-from proxy.server import serve
+from proxy.server import EVENT_LOOPS, has_uvloop, run_event_loop, serve
 from proxy.store import TokenStoreError
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
 from proxy.workers import run_workers
@@ -43,7 +43,10 @@ _SHOWN_BYTES = 200
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    arguments = _parser().parse_args(argv)
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    if getattr(arguments, "loop", "auto") == "uvloop" and not has_uvloop():
+        parser.error("--loop uvloop: uvloop is not installed; install skill-engine-proxy[speed]")
     # Until the config says how to log: text, for the person who started the command.
     configure_logging(
         LogSettings(level="warning" if arguments.command == "check" else "info", format="text")
@@ -61,8 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Each worker chooses its proxies too; an unusable proxy variable stops this
             # process here rather than every worker in turn.
             Outbound.for_settings(settings)
-            return run_workers(source, arguments.workers)
-        asyncio.run(serve(settings, source=source))
+            return run_workers(source, arguments.workers, loop=arguments.loop)
+        run_event_loop(serve(settings, source=source), arguments.loop)
         return EXIT_OK
     except ConfigError as exc:
         print(f"skill-engine-proxy: config error: {exc}", file=sys.stderr)
@@ -88,6 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_worker_count,
         default=1,
         help="serve with N processes on the same addresses, sharing tokens (default: 1)",
+    )
+    run.add_argument(
+        "--loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="the event loop: uvloop when installed (auto, the default), or asyncio's own",
     )
     check = commands.add_parser("check", help="fetch a token and call GET /version upstream")
     check.add_argument("--config", help=config_help)

@@ -9,8 +9,8 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -31,6 +31,9 @@ from proxy.reload import ConfigSource, Reloader
 from proxy.tokens import Clock, TokenKeeper
 
 logger = logging.getLogger("skill_engine_proxy")
+
+T = TypeVar("T")
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 # What is left of the shutdown once no request is in flight: closing idle connections.
 _CLOSE_TIMEOUT = 1.0
@@ -114,11 +117,13 @@ class ProxyServer:
 
         extra = "".join(f", {url}" for url in self.route_urls.values())
         tenants = self.settings.all_tenants().values()
+        loop = asyncio.get_running_loop()
         logger.info(
-            "Listening on %s%s (admin: %s) for %s",
+            "Listening on %s%s (admin: %s, event loop: %s) for %s",
             self.proxy_url,
             extra,
             self.admin_url or "disabled",
+            type(loop).__module__.partition(".")[0],
             "; ".join(
                 f"tenant {tenant.auth.tenant} (client_id {tenant.auth.client_id}): forwarding "
                 f"to {tenant.upstream.url} with tokens from {tenant.auth.resolved_token_url}"
@@ -364,3 +369,34 @@ async def serve(
                 await reloader.close()
         await server.drain()
         await server.stop()
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
+    """Run `main` to its end on the event loop `loop` names (one of `EVENT_LOOPS`).
+
+    "auto" is uvloop when it is installed (the `speed` extra; the container image has it),
+    else asyncio's own loop. uvloop takes about a tenth off the instructions the proxy spends
+    on a small request (bench/).
+    """
+    with asyncio.Runner(loop_factory=_loop_factory(loop)) as runner:
+        return runner.run(main)
+
+
+def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if loop == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
+
+
+def has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True

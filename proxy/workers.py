@@ -14,7 +14,6 @@ that dies, and on SIGTERM or SIGINT passes the signal on and waits for them to d
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -34,7 +33,7 @@ from proxy.config import ListenAddress, Settings, TokenStoreSettings
 from proxy.logs import configure_logging
 from proxy.metrics import MULTIPROCESS_DIRECTORY
 from proxy.reload import ConfigSource
-from proxy.server import bind_unix_socket, serve
+from proxy.server import bind_unix_socket, run_event_loop, serve
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -44,7 +43,7 @@ _RESTART_WINDOW = 60.0
 _EXIT_FAILED = 1
 
 
-def run_workers(source: ConfigSource, count: int) -> int:
+def run_workers(source: ConfigSource, count: int, *, loop: str = "auto") -> int:
     """Serve with `count` worker processes until SIGTERM or SIGINT; the exit status.
 
     SIGHUP is passed on: each worker reloads the config itself.
@@ -69,7 +68,7 @@ def run_workers(source: ConfigSource, count: int) -> int:
                 settings.token_store.backend,
                 metrics,
             )
-            return _Supervisor(settings, count, sockets, source).run()
+            return _Supervisor(settings, count, sockets, source, loop).run()
 
 
 @contextlib.contextmanager
@@ -145,8 +144,10 @@ class _Supervisor:
         count: int,
         sockets: dict[ListenAddress, socket.socket],
         source: ConfigSource,
+        loop: str,
     ) -> None:
         self._settings = settings
+        self._loop = loop
         self._count = count
         self._sockets = sockets
         self._source = source
@@ -176,7 +177,7 @@ class _Supervisor:
     def _start(self, index: int) -> None:
         process = self._context.Process(
             target=_worker,
-            args=(self._settings, index, self._sockets, self._source),
+            args=(self._settings, index, self._sockets, self._source, self._loop),
             name=f"skill-engine-proxy worker {index}",
         )
         # A new process dies of SIGHUP until it can handle it: it starts with SIGHUP
@@ -259,13 +260,14 @@ def _worker(
     index: int,
     sockets: dict[ListenAddress, socket.socket],
     source: ConfigSource,
+    loop: str,
 ) -> None:
     """A worker process: the proxy, on listeners it shares with the other workers."""
     # Ctrl-C reaches the whole process group; the supervisor answers it by sending each
     # worker SIGTERM, which a worker must not take for a second, impatient signal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     supervisor = multiprocessing.parent_process()
-    asyncio.run(
+    run_event_loop(
         serve(
             settings,
             stop_signals=(signal.SIGTERM,),
@@ -275,5 +277,6 @@ def _worker(
             worker=index,
             reuse_port=True,
             sockets=sockets,
-        )
+        ),
+        loop,
     )

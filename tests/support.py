@@ -163,7 +163,7 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-LISTENING = re.compile(r"Listening on (http://\S+) \(admin: (http://\S+)\)")
+LISTENING = re.compile(r"Listening on (http://\S+) \(admin: (http://\S+), event loop: (\w+)\)")
 
 
 @dataclass
@@ -173,6 +173,7 @@ class Running:
     process: asyncio.subprocess.Process
     proxy_url: str = ""
     admin_url: str = ""
+    event_loop: str = ""
     stderr: list[str] = field(default_factory=list)
 
     @property
@@ -195,7 +196,7 @@ async def collect_lines(stream: asyncio.StreamReader, lines: list[str]) -> None:
 
 
 @asynccontextmanager
-async def running_proxy(config: Path) -> AsyncIterator[Running]:
+async def running_proxy(config: Path, *options: str) -> AsyncIterator[Running]:
     """`skill-engine-proxy run --config` (the console script, as a user runs it), waited
     on until it says where it listens."""
     process = await asyncio.create_subprocess_exec(
@@ -203,6 +204,7 @@ async def running_proxy(config: Path) -> AsyncIterator[Running]:
         "run",
         "--config",
         str(config),
+        *options,
         stderr=asyncio.subprocess.PIPE,
         env=subprocess_env(),
     )
@@ -213,7 +215,7 @@ async def running_proxy(config: Path) -> AsyncIterator[Running]:
         await running.wait_for_log("Listening on")
         match = LISTENING.search(running.log)
         assert match, running.log
-        running.proxy_url, running.admin_url = match.groups()
+        running.proxy_url, running.admin_url, running.event_loop = match.groups()
         yield running
     finally:
         if process.returncode is None:

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from proxy import __version__
+from proxy.server import has_uvloop
 from tests.conftest import Standins, StartStandins
 from tests.support import (
     SECRET,
@@ -71,6 +72,43 @@ async def test_run_serves_until_sigterm_and_exits_0(
     assert SECRET not in proxy.log
     [token] = standins.tokens.issued
     assert token not in proxy.log
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_run_serves_on_the_event_loop_asked_for(
+    standins: Standins, config_for: Callable[..., Path], loop: str
+) -> None:
+    async with running_proxy(config_for(standins), "--loop", loop) as proxy:
+        assert proxy.event_loop == loop
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{proxy.proxy_url}/version") as response,
+        ):
+            assert response.status == 200
+        assert await proxy.stop() == 0
+
+
+async def test_run_takes_uvloop_when_it_is_installed(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    async with running_proxy(config_for(standins)) as proxy:
+        assert proxy.event_loop == ("uvloop" if has_uvloop() else "asyncio")
+
+
+async def test_asking_for_uvloop_without_it_installed_exits_2(
+    tmp_path: Path, standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    hidden = tmp_path / "no-uvloop" / "uvloop"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('uvloop is not installed here')\n")
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("run", "--config", str(config_for(standins)), "--loop", "uvloop"),
+        stderr=asyncio.subprocess.PIPE,
+        env={**subprocess_env(), "PYTHONPATH": str(hidden.parent)},
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 2
+    assert b"install skill-engine-proxy[speed]" in stderr
 
 
 async def test_sigterm_lets_the_request_in_flight_finish(

@@ -68,7 +68,9 @@ async def supervisor(tmp_path: Path, standins: Standins) -> AsyncIterator[Superv
 
 
 async def listening(supervisor: Supervisor) -> tuple[str, str]:
-    found = await supervisor.wait_for(r"\[worker \d\]: Listening on (\S+) \(admin: (\S+)\)", 2)
+    found = await supervisor.wait_for(
+        r"\[worker \d\]: Listening on (\S+) \(admin: (\S+), event loop", 2
+    )
     assert {match.groups() for match in found} == {found[0].groups()}  # one address, shared
     return found[0].group(1), found[0].group(2)
 
