@@ -38,8 +38,9 @@ from proxy.workers import run_workers
 
 CONFIG_VARIABLE = "SKILL_ENGINE_PROXY_CONFIG"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-# How much of the upstream's /version answer `check` prints.
-_SHOWN_BYTES = 200
+# How much of the upstream's /version answer `check` reads, and how much of it it prints.
+_READ_BYTES = 64 * 1024
+_SHOWN_CHARACTERS = 200
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,12 +194,17 @@ async def _check_tenant(
         ) as response:
             status = response.status
             location = response.headers.get("Location")
-            answer = await response.content.read(_SHOWN_BYTES)
+            answer = b""
+            while len(answer) < _READ_BYTES and (chunk := await response.content.read(_READ_BYTES)):
+                answer += chunk
     except (aiohttp.ClientError, TimeoutError) as exc:
         out.write(f"FAILED: GET {url}: {describe_client_error(exc)}\n")
         return False
 
+    # An upstream that echoes the request would print the token: show its fingerprint.
+    bearer = token.authorization.get_secret_value().removeprefix("Bearer ")
     shown = " ".join(answer.decode("utf-8", "replace").split())
+    shown = shown.replace(bearer, f"<token {token.fingerprint}>")[:_SHOWN_CHARACTERS]
     if location is not None:
         shown = f"redirect to {location!r}"
     if status != 200:

@@ -252,6 +252,24 @@ async def test_check_reports_a_redirect_as_a_failure_not_where_it_leads(
     assert len(stdout.splitlines()) == 2
 
 
+async def test_check_never_prints_the_token_an_upstream_echoes(
+    start_standins: StartStandins, config_for: Callable[..., Path]
+) -> None:
+    routes = web.RouteTableDef()
+
+    @routes.get("/echoing/version")
+    async def echoing(request: web.Request) -> web.Response:
+        return web.Response(text=f"you sent {request.headers['Authorization']}")
+
+    standins = await start_standins(routes)
+    config = config_for(standins, upstream={"url": f"{standins.upstream_url}/echoing"})
+    status, stdout, _ = await run_command("check", "--config", str(config))
+    assert status == 0
+    [token] = standins.tokens.issued
+    assert token not in stdout
+    assert "you sent Bearer <token " in stdout
+
+
 async def test_check_fails_when_the_upstream_refuses_the_token(
     start_standins: StartStandins, config_for: Callable[..., Path]
 ) -> None:
