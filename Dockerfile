@@ -11,7 +11,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# Optional features installed in the image: redis, for token_store.backend: redis.
+# The project's runtime extras, all of them (a test holds this list to pyproject.toml):
+# redis, for token_store.backend: redis.
 ARG EXTRAS=redis
 
 WORKDIR /src

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -166,6 +167,16 @@ def test_the_final_stage_copies_only_the_built_environment_and_the_default_confi
         assert is_from_build or ROOT / copy[0] == image_config(), copy
     assert not instructions("ADD")
     assert dockerfile_stages()[0][0].arguments.endswith(" AS build")
+
+
+def test_the_image_installs_every_runtime_extra_of_the_project() -> None:
+    """An extra another change adds (a faster event loop, say) reaches the image too."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime_extras = set(project["optional-dependencies"]) - {"dev"}
+    [build_stage, *_] = dockerfile_stages()
+    [extras] = [each.arguments for each in build_stage if each.keyword == "ARG"]
+    assert extras.startswith("EXTRAS=")
+    assert set(extras.removeprefix("EXTRAS=").split(",")) == runtime_extras
 
 
 def test_the_build_context_is_only_what_the_dockerfile_copies() -> None:
