@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # The proxy as a container image: docker build -t skill-engine-proxy:0.1.0 .
 # See the README's "Deploy" section, and deploy/ for Kubernetes, compose and monitoring.
 
@@ -37,10 +35,11 @@ RUN groupadd --system --gid 10001 proxy \
 COPY --from=build /opt/skill-engine-proxy /opt/skill-engine-proxy
 COPY deploy/docker/config.yaml /etc/skill-engine-proxy/config.yaml
 
-# The root filesystem may be read-only: bytecode was compiled at install, and the only
-# place the proxy writes is $TMPDIR (run --workers, token_store file), so mount a writable
-# /tmp (an emptyDir, or --tmpfs /tmp). PROMETHEUS_MULTIPROC_DIR stays unset: run --workers
-# makes its own there, and set globally it would put a single process on file-backed metrics.
+# The root filesystem may be read-only: bytecode was compiled at install, and the proxy
+# writes only under /tmp (the directories of run --workers, the file token store's default
+# path), so mount a writable /tmp: an emptyDir, or --tmpfs /tmp. PROMETHEUS_MULTIPROC_DIR
+# stays unset: run --workers makes its own there, and set globally it would put a single
+# process on file-backed metrics.
 ENV PATH=/opt/skill-engine-proxy/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
