@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,15 @@ class FakeClock:
             elif not future.done():
                 waiting.append((moment, future))
         self._sleepers = waiting
+
+
+async def eventually(condition: Callable[[], object], what: str) -> None:
+    """Wait until `condition` holds: background work over real sockets takes a moment."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
 
 
 @dataclass
@@ -199,14 +208,17 @@ async def collect_lines(stream: asyncio.StreamReader, lines: list[str]) -> None:
 async def running_proxy(config: Path, *options: str) -> AsyncIterator[Running]:
     """`skill-engine-proxy run --config` (the console script, as a user runs it), waited
     on until it says where it listens."""
+    command = [console_script(), "run", "--config", str(config), *options]
+    async with running_command(command, subprocess_env()) as running:
+        yield running
+
+
+@asynccontextmanager
+async def running_command(command: list[str], env: dict[str, str]) -> AsyncIterator[Running]:
+    """`command`, a proxy that serves, waited on until it says where it listens; killed
+    afterwards if it still runs."""
     process = await asyncio.create_subprocess_exec(
-        console_script(),
-        "run",
-        "--config",
-        str(config),
-        *options,
-        stderr=asyncio.subprocess.PIPE,
-        env=subprocess_env(),
+        *command, stderr=asyncio.subprocess.PIPE, env=env
     )
     assert process.stderr is not None
     running = Running(process)
