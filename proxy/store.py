@@ -88,6 +88,11 @@ class StoreHealth:
                 exc,
             )
 
+    @property
+    def is_down(self) -> bool:
+        """The store failed, and has not worked since."""
+        return self._down
+
     def worked(self) -> None:
         if self._down:
             self._down = False

@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,16 @@ class FakeClock:
             elif not future.done():
                 waiting.append((moment, future))
         self._sleepers = waiting
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait until `condition` holds: work in the background or in another process takes
+    a moment."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
 
 
 @dataclass

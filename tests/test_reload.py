@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -19,7 +18,14 @@ from proxy.reload import ConfigSource, Reloader
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy
-from tests.support import SECRET, running_proxy, sample, settings_document, write_config
+from tests.support import (
+    SECRET,
+    eventually,
+    running_proxy,
+    sample,
+    settings_document,
+    write_config,
+)
 
 NEW_SECRET = "rotated-secret"
 
@@ -102,14 +108,6 @@ async def fingerprint_used(client: aiohttp.ClientSession, proxy: ProxyServer) ->
     async with client.get(f"{proxy.proxy_url}/echo") as response:
         assert response.status == 200, await response.text()
         return str((await response.json())["token_fingerprint"])
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
 
 
 async def metrics_of(client: aiohttp.ClientSession, proxy: ProxyServer) -> str:
