@@ -17,6 +17,7 @@ run after the request has its token, so a store that fails while writing holds u
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -79,6 +80,8 @@ class RedisStore:
         self._health = StoreHealth("redis", metrics)
         self._probe: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
+        # Key name -> digest of the secret its unreadable value was reported under.
+        self._unreadable: dict[str, str] = {}
 
     @property
     def is_down(self) -> bool:
@@ -134,16 +137,30 @@ class RedisStore:
         value = await self._client.get(name)
         if not isinstance(value, bytes):
             return None
+        secret = self._secret_of(key)
         try:
-            record = json.loads(self._cipher(key, name).decrypt(value))
+            record = json.loads(_Cipher(secret, name).decrypt(value))
         except (InvalidTag, ValueError) as exc:
-            # Written with another secret (one being rotated) or not by this proxy at all:
-            # fetch, and overwrite it.
-            logger.warning(
-                "The token stored in Redis for tenant %s is unreadable: %r", key.tenant, exc
-            )
+            self._report_unreadable(name, key, secret, exc)
             return None
         return token_from_record(record, now=self._clock.now(), wall_now=time.time())
+
+    def _report_unreadable(self, name: str, key: TokenKey, secret: str, exc: Exception) -> None:
+        """Once per key and secret: during a rotation, replicas with the old secret and the
+        new one overwrite each other's token until all have the new one, and every read
+        would say so again."""
+        secret_digest = hashlib.sha256(secret.encode()).hexdigest()
+        if self._unreadable.get(name) == secret_digest:
+            logger.debug("The token stored in Redis for tenant %s is unreadable again.", key.tenant)
+            return
+        self._unreadable[name] = secret_digest
+        logger.warning(
+            "The token stored in Redis for tenant %s cannot be read with this proxy's client "
+            "secret (%r): it was written with another secret, as during a rotation, or not by "
+            "this proxy. This proxy fetches its own and stores it there instead.",
+            key.tenant,
+            exc,
+        )
 
     async def _settle(
         self, name: str, key: TokenKey, token: Token | None, lock: Lock | None

@@ -561,3 +561,41 @@ async def test_a_token_is_written_to_redis_after_its_request_has_it(
         redis_server.process.send_signal(signal.SIGCONT)
         await store.close()
         await other.close()
+
+
+async def test_a_token_redis_holds_under_another_secret_is_reported_once_per_secret(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.redis_store import RedisStore
+
+    secrets = {"old": "secret-1", "new": "secret-2"}
+    old, new = (
+        RedisStore(
+            redis_server.url, Metrics(), SystemClock(), lambda _key, side=side: secrets[side]
+        )
+        for side in secrets
+    )
+
+    def unreadable() -> int:
+        return caplog.text.count("cannot be read with this proxy's client secret")
+
+    async def take_turns(*replicas: Any) -> None:
+        # As mid-rotation: each replica finds the token the one before stored, cannot
+        # read it, and fetches and stores its own.
+        for replica in replicas:
+            await replica.obtain(KEY, nothing, Fetches())
+
+    try:
+        await take_turns(old, new, old, new, old, new)
+        assert unreadable() == 2  # once by each replica, not at every read
+
+        secrets["old"] = secrets["new"]  # the old side has the new secret now
+        await take_turns(new, old, new, old)
+        assert unreadable() == 2
+
+        secrets["new"] = "secret-3"  # the next rotation: said once more by each
+        await take_turns(new, old, new, old, new, old)
+        assert unreadable() == 4
+    finally:
+        await old.close()
+        await new.close()
