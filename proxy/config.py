@@ -409,6 +409,10 @@ class TokenStoreSettings(_Section):
     backend: Literal["memory", "file", "redis"] = "memory"
     path: Path = Path("/tmp/skill-engine-proxy")  # noqa: S108 - the contract's default
     url: str = "redis://127.0.0.1:6379/0"
+    lock_timeout: PositiveSeconds = 40.0
+    """redis: seconds the lock of a replica fetching a token lasts, so that one that died
+    holding it holds the others up no longer. Longer than a token request may take (30 s),
+    or a slow fetcher loses its lock and another replica fetches too."""
 
     @field_validator("url")
     @classmethod

@@ -224,5 +224,7 @@ def open_store(
             raise TokenStoreError(
                 f"token_store.backend redis needs {exc.name}: install skill-engine-proxy[redis]."
             ) from exc
-        return RedisStore(settings.url, metrics, clock, secret_of)
+        return RedisStore(
+            settings.url, metrics, clock, secret_of, lock_timeout=settings.lock_timeout
+        )
     return MemoryStore()

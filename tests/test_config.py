@@ -101,6 +101,8 @@ def test_operations_settings_get_the_contract_defaults(tmp_path: Path) -> None:
     assert (settings.shutdown.drain_delay, settings.shutdown.timeout) == (5, 30)
     assert settings.unix_socket_mode == 0o660
     assert settings.auth.client_secret_next is None
+    assert settings.token_store.backend == "memory"
+    assert settings.token_store.lock_timeout == 40
 
 
 def test_operations_settings_are_read(tmp_path: Path) -> None:
@@ -178,6 +180,14 @@ def test_secret_file_is_read_without_its_trailing_newline(tmp_path: Path) -> Non
         (("upstream:", "log: {format: xml}\nupstream:"), "log.format: input should be 'json'"),
         (("upstream:", "shutdown: {timeout: -1}\nupstream:"), "shutdown.timeout: input should"),
         (("upstream:", "shutdown: {drain: 1}\nupstream:"), "shutdown.drain: unknown key"),
+        (
+            ("upstream:", "token_store: {backend: redis, lock_timeout: 0}\nupstream:"),
+            "token_store.lock_timeout: input should be greater than 0",
+        ),
+        (
+            ("upstream:", "token_store: {lock_timeout: true}\nupstream:"),
+            "token_store.lock_timeout: expected a number of seconds",
+        ),
         (("upstream:", "unix_socket_mode: 660\nupstream:"), "unix_socket_mode: expected perm"),
         (("upstream:", "unix_socket_mode: '0o999'\nupstream:"), "unix_socket_mode: expected"),
         (

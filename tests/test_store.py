@@ -368,6 +368,39 @@ async def test_redis_going_away_fails_no_request_and_sharing_resumes(
         assert log.count("store works again") == 1
 
 
+async def test_a_proxy_killed_holding_the_lock_holds_the_others_only_until_it_expires(
+    tmp_path: Path, standins: Standins, proxies: Proxies, redis_server: RedisServer
+) -> None:
+    config = shared_config(
+        tmp_path, standins, "lock.yaml", backend="redis", url=redis_server.url, lock_timeout=3
+    )
+    urls = [await proxies.start(config) for _ in range(3)]
+    standins.tokens.gate.clear()  # token requests are held until the test opens the gate
+
+    async with aiohttp.ClientSession() as session:
+
+        async def status(url: str) -> int | None:
+            try:
+                async with session.get(f"{url}/echo") as response:
+                    await response.read()
+                    return response.status
+            except aiohttp.ClientError:
+                return None
+
+        holder = asyncio.create_task(status(urls[0]))
+        await eventually(lambda: len(standins.tokens.requests) == 1)  # it fetches, holding the lock
+        others = [asyncio.create_task(status(url)) for url in urls[1:]]
+        proxies.processes[0].kill()
+        await proxies.processes[0].wait()
+        standins.tokens.gate.set()
+        assert await holder is None
+        assert await asyncio.gather(*others) == [200, 200]
+
+    # Once the dead one's lock expired, one of the others fetched, and the last one read.
+    assert len(standins.tokens.requests) == 2
+    await proxies.stop()
+
+
 async def test_a_fetcher_that_dies_holding_the_lock_holds_the_others_only_until_it_expires(
     redis_server: RedisServer,
 ) -> None:
