@@ -231,9 +231,18 @@ async def test_four_processes_with_the_file_store_fetch_one_token(
     await proxies.stop()
 
 
-async def test_processes_sharing_a_store_refresh_once_per_round(
+async def test_processes_sharing_a_file_store_refresh_once_per_round(
     tmp_path: Path, standins: Standins, proxies: Proxies
 ) -> None:
+    store = {"backend": "file", "path": str(tmp_path / "tokens")}
+    await refresh_rounds(tmp_path, standins, proxies, store)
+
+
+async def refresh_rounds(
+    tmp_path: Path, standins: Standins, proxies: Proxies, store: dict[str, str]
+) -> None:
+    """Three processes sharing `store`, kept busy through one renewal round: one token
+    request for the first token and one for its renewal, not one per process."""
     standins.tokens.lifetime = 4
     document = settings_document(
         standins.token_url,
@@ -242,7 +251,7 @@ async def test_processes_sharing_a_store_refresh_once_per_round(
         refresh_margin=0.5,
         prefetch=False,  # the first token is the first request's, once all processes run
     )
-    document["token_store"] = {"backend": "file", "path": str(tmp_path / "tokens")}
+    document["token_store"] = store
     config = write_config(tmp_path / "refresh.yaml", document)
     urls = [await proxies.start(config) for _ in range(3)]
 
@@ -366,6 +375,12 @@ async def test_redis_going_away_fails_no_request_and_sharing_resumes(
     for log in ["".join(log) for log in proxies.logs]:
         assert log.count("redis token store failed") == 1  # one WARNING for the outage
         assert log.count("store works again") == 1
+
+
+async def test_processes_sharing_redis_refresh_once_per_fleet(
+    tmp_path: Path, standins: Standins, proxies: Proxies, redis_server: RedisServer
+) -> None:
+    await refresh_rounds(tmp_path, standins, proxies, {"backend": "redis", "url": redis_server.url})
 
 
 async def test_a_proxy_killed_holding_the_lock_holds_the_others_only_until_it_expires(
