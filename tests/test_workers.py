@@ -156,8 +156,15 @@ async def test_workers_stop_when_their_supervisor_is_killed(supervisor: Supervis
 
 async def test_workers_share_a_unix_socket(tmp_path: Path, standins: Standins) -> None:
     path = tmp_path / "proxy.sock"
+    route_path = tmp_path / "route.sock"
     document = settings_document(standins.token_url, standins.upstream_url)
     document["listen"] = f"unix:{path}"
+    # A route's own unix socket: bound by the supervisor too, and known to every worker's
+    # router as that route's listener.
+    document["routes"] = [
+        {"listen": f"unix:{route_path}", "tenant": "default"},
+        {"prefix": "/main", "tenant": "default"},
+    ]
     config = write_config(tmp_path / "unix.yaml", document)
     process = await asyncio.create_subprocess_exec(
         *proxy_command("run", "--config", str(config), "--workers", "2"),
@@ -171,12 +178,16 @@ async def test_workers_share_a_unix_socket(tmp_path: Path, standins: Standins) -
         assert line, supervisor.log
         supervisor.lines.append(line.decode())
 
-    connector = aiohttp.UnixConnector(path=str(path), force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(10):
-            async with session.get("http://localhost/version") as response:
-                assert response.status == 200
+    statuses = []
+    for socket_path, target in [(path, "/main/version"), (route_path, "/version")]:
+        connector = aiohttp.UnixConnector(path=str(socket_path), force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(10):
+                async with session.get(f"http://localhost{target}") as response:
+                    statuses.append(response.status)
+    assert statuses == [200] * 20
     process.send_signal(signal.SIGTERM)
     await process.communicate()
     assert process.returncode == 0
     assert not path.exists()
+    assert not route_path.exists()
