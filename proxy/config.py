@@ -552,15 +552,9 @@ def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
             if str(route.listen) in taken:
                 problems.append((f"{key}.listen", f"{route.listen} is already in use"))
             taken.add(str(route.listen))
-        allowed = None if route.tenant is None else tenants[route.tenant].auth.scopes
-        if (
-            route.scopes is not None
-            and allowed is not None
-            and not set(route.scopes) <= set(allowed)
-        ):
-            problems.append(
-                (f"{key}.scopes", f"must be among the tenant's auth.scopes {list(allowed)}")
-            )
+        problem = _scopes_beyond_tenants(route, tenants)
+        if problem is not None:
+            problems.append((f"{key}.scopes", problem))
 
     credentials: dict[tuple[str, str, str, str], str] = {}
     for name, resolved in tenants.items():
@@ -575,6 +569,32 @@ def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
             )
         credentials[identity] = name
     return problems
+
+
+def _scopes_beyond_tenants(route: RouteSettings, tenants: dict[str, Tenant]) -> str | None:
+    """Why `route.scopes` asks for more than a tenant it can lead to allows; None if not.
+
+    A header route can lead to every tenant, so each must allow its scopes: otherwise a
+    request for a tenant with narrower `auth.scopes` would get a token for scopes the
+    tenant's config never allowed.
+    """
+    if route.scopes is None:
+        return None
+    if not route.header:
+        assert route.tenant is not None
+        allowed = tenants[route.tenant].auth.scopes
+        if allowed is not None and not set(route.scopes) <= set(allowed):
+            return f"must be among the tenant's auth.scopes {list(allowed)}"
+        return None
+    for tenant in tenants.values():
+        allowed = tenant.auth.scopes
+        if allowed is not None and not set(route.scopes) <= set(allowed):
+            return (
+                "a header route can pick every tenant, and tenant "
+                f"{tenant.name} allows only its auth.scopes {list(allowed)}; narrow the "
+                "route's scopes, or leave them out so that each tenant's auth.scopes apply"
+            )
+    return None
 
 
 def _read_yaml(file: str) -> dict[str, Any]:

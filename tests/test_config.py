@@ -412,14 +412,19 @@ def test_the_single_tenant_config_is_one_default_tenant(tmp_path: Path) -> None:
         (("scopes: [read]}", "scopes: [read_reports]}"), "routes[1].scopes: must be among"),
         (("127.0.0.1:8081", "127.0.0.1:8080"), "routes[0].listen: 127.0.0.1:8080 is already in"),
         (("upstream:\n  url: https://skill-engine.example\n", ""), "tenants.acme.upstream"),
-        (("client_id: beta-id", "client_id: acme-id"), None),
+        (("client_id: beta-id", "client_id: acme-id"), None),  # another region: another client
+        (("{header: true}", "{header: true, scopes: [read]}"), None),  # every tenant allows it
+        (
+            ("{header: true}", "{header: true, scopes: [read, read_reports]}"),
+            "routes[2].scopes: a header route can pick every tenant, and tenant acme allows",
+        ),
     ],
 )
 def test_tenant_and_route_errors_name_the_key(
     tmp_path: Path, change: tuple[str, str], expected: str | None
 ) -> None:
     text = TENANTS.replace(*change)
-    if expected is None:  # a different region: not the same client, so fine
+    if expected is None:
         assert load_settings(write(tmp_path, text), {})
         return
     with pytest.raises(ConfigError) as caught:
