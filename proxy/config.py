@@ -555,20 +555,7 @@ def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
         problem = _scopes_beyond_tenants(route, tenants)
         if problem is not None:
             problems.append((f"{key}.scopes", problem))
-
-    credentials: dict[tuple[str, str, str, str], str] = {}
-    for name, resolved in tenants.items():
-        auth = resolved.auth
-        identity = (auth.resolved_token_url, auth.client_id, auth.audience, auth.tenant)
-        if identity in credentials:
-            problems.append(
-                (
-                    f"tenants.{name}.auth",
-                    f"same token URL, client_id, audience and tenant as {credentials[identity]}",
-                )
-            )
-        credentials[identity] = name
-    return problems
+    return problems + _shared_tenant_names(tenants)
 
 
 def _scopes_beyond_tenants(route: RouteSettings, tenants: dict[str, Tenant]) -> str | None:
@@ -595,6 +582,38 @@ def _scopes_beyond_tenants(route: RouteSettings, tenants: dict[str, Tenant]) -> 
                 "route's scopes, or leave them out so that each tenant's auth.scopes apply"
             )
     return None
+
+
+def _shared_tenant_names(tenants: dict[str, Tenant]) -> list[tuple[str | None, str]]:
+    """Tenants that are the same client twice, or that share an `auth.tenant` with other
+    credentials: metrics are labelled by `auth.tenant` alone, so two clients of one tenant
+    would add up in the same series and overwrite each other's gauges."""
+    problems: list[tuple[str | None, str]] = []
+    clients: dict[tuple[str, str, str, str], str] = {}
+    names: dict[str, str] = {}
+    for name, resolved in tenants.items():
+        auth = resolved.auth
+        client = (auth.resolved_token_url, auth.client_id, auth.audience, auth.tenant)
+        if client in clients:
+            problems.append(
+                (
+                    f"tenants.{name}.auth",
+                    f"same token URL, client_id, audience and tenant as {clients[client]}",
+                )
+            )
+        elif auth.tenant in names:
+            problems.append(
+                (
+                    f"tenants.{name}.auth.tenant",
+                    f"{auth.tenant!r} is also the auth.tenant of {names[auth.tenant]}, with "
+                    "another token URL, client_id or audience; metrics are labelled by "
+                    "auth.tenant alone, so configure one client per tenant (routes can give "
+                    "it several scope sets)",
+                )
+            )
+        clients[client] = name
+        names.setdefault(auth.tenant, name)
+    return problems
 
 
 def _read_yaml(file: str) -> dict[str, Any]:

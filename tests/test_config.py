@@ -418,6 +418,10 @@ def test_the_single_tenant_config_is_one_default_tenant(tmp_path: Path) -> None:
             ("{header: true}", "{header: true, scopes: [read, read_reports]}"),
             "routes[2].scopes: a header route can pick every tenant, and tenant acme allows",
         ),
+        (
+            ("audience: us1, tenant: beta", "audience: us1, tenant: acme"),
+            "tenants.beta.auth.tenant: 'acme' is also the auth.tenant of acme",
+        ),
     ],
 )
 def test_tenant_and_route_errors_name_the_key(
