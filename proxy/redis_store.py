@@ -66,7 +66,6 @@ class RedisStore:
         secret_of: Callable[[TokenKey], str],
         *,
         lock_timeout: float = LOCK_TIMEOUT,
-        retry_after: float = RETRY_AFTER,
     ) -> None:
         self._client = redis.asyncio.Redis.from_url(
             url,
@@ -76,7 +75,6 @@ class RedisStore:
         self._clock = clock
         self._secret_of = secret_of
         self._lock_timeout = lock_timeout
-        self._retry_after = retry_after
         self._health = StoreHealth("redis", metrics)
         self._probe: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
@@ -116,21 +114,21 @@ class RedisStore:
             token = await fetch(key)
             return token
         finally:
-            if token is not None or locked:
+            if locked or (token is not None and not self.is_down):
                 self._in_background(self._settle(name, key, token, lock if locked else None))
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
         if self._pending:
             # A write or release still under way gets its socket timeout to finish, so
             # that the other replicas need not wait for the lock to expire.
             _, unfinished = await asyncio.wait(self._pending, timeout=2 * _SOCKET_TIMEOUT)
             for task in unfinished:
                 task.cancel()
-        await asyncio.gather(
-            *self._pending, *([self._probe] if self._probe else []), return_exceptions=True
-        )
+            await asyncio.gather(*unfinished, return_exceptions=True)
+        # Last: a write that failed meanwhile may have started a probe.
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
         await self._client.aclose()
 
     async def _read(self, name: str, key: TokenKey) -> Token | None:
@@ -193,11 +191,11 @@ class RedisStore:
     def _failed(self, what: str, exc: BaseException) -> None:
         self._health.failed(what, exc)
         if self._probe is None or self._probe.done():
-            first_try = self._clock.now() + self._retry_after
+            first_try = self._clock.now() + RETRY_AFTER
             self._probe = asyncio.create_task(self._probe_until_it_answers(first_try))
 
     async def _probe_until_it_answers(self, moment: float) -> None:
-        """Try a write at `moment` and every `retry_after` seconds after; once one succeeds,
+        """Try a write at `moment` and every `RETRY_AFTER` seconds after; once one succeeds,
         Redis is used again. A write, not a PING: a read-only replica or a Redis out of
         memory answers PING too."""
         while True:
@@ -206,7 +204,7 @@ class RedisStore:
                 await self._client.set(_PROBE_KEY, b"", px=60_000)
             except _STORE_ERRORS as exc:
                 self._health.failed("probing", exc)
-                moment = self._clock.now() + self._retry_after
+                moment = self._clock.now() + RETRY_AFTER
             else:
                 self._health.worked()
                 return
