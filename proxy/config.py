@@ -409,6 +409,10 @@ class TokenStoreSettings(_Section):
     backend: Literal["memory", "file", "redis"] = "memory"
     path: Path = Path("/tmp/skill-engine-proxy")  # noqa: S108 - the contract's default
     url: str = "redis://127.0.0.1:6379/0"
+    lock_timeout: PositiveSeconds = 40.0
+    """redis: seconds the lock of a replica fetching a token lasts, so that one that died
+    holding it holds the others up no longer. Longer than a token request may take (30 s),
+    or a slow fetcher loses its lock and another replica fetches too."""
 
     @field_validator("url")
     @classmethod
@@ -548,28 +552,67 @@ def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
             if str(route.listen) in taken:
                 problems.append((f"{key}.listen", f"{route.listen} is already in use"))
             taken.add(str(route.listen))
-        allowed = None if route.tenant is None else tenants[route.tenant].auth.scopes
-        if (
-            route.scopes is not None
-            and allowed is not None
-            and not set(route.scopes) <= set(allowed)
-        ):
-            problems.append(
-                (f"{key}.scopes", f"must be among the tenant's auth.scopes {list(allowed)}")
-            )
+        problem = _scopes_beyond_tenants(route, tenants)
+        if problem is not None:
+            problems.append((f"{key}.scopes", problem))
+    return problems + _shared_tenant_names(tenants)
 
-    credentials: dict[tuple[str, str, str, str], str] = {}
+
+def _scopes_beyond_tenants(route: RouteSettings, tenants: dict[str, Tenant]) -> str | None:
+    """Why `route.scopes` asks for more than a tenant it can lead to allows; None if not.
+
+    A header route can lead to every tenant, so each must allow its scopes: otherwise a
+    request for a tenant with narrower `auth.scopes` would get a token for scopes the
+    tenant's config never allowed.
+    """
+    if route.scopes is None:
+        return None
+    if not route.header:
+        assert route.tenant is not None
+        allowed = tenants[route.tenant].auth.scopes
+        if allowed is not None and not set(route.scopes) <= set(allowed):
+            return f"must be among the tenant's auth.scopes {list(allowed)}"
+        return None
+    for tenant in tenants.values():
+        allowed = tenant.auth.scopes
+        if allowed is not None and not set(route.scopes) <= set(allowed):
+            return (
+                "a header route can pick every tenant, and tenant "
+                f"{tenant.name} allows only its auth.scopes {list(allowed)}; narrow the "
+                "route's scopes, or leave them out so that each tenant's auth.scopes apply"
+            )
+    return None
+
+
+def _shared_tenant_names(tenants: dict[str, Tenant]) -> list[tuple[str | None, str]]:
+    """Tenants that are the same client twice, or that share an `auth.tenant` with other
+    credentials: metrics are labelled by `auth.tenant` alone, so two clients of one tenant
+    would add up in the same series and overwrite each other's gauges."""
+    problems: list[tuple[str | None, str]] = []
+    clients: dict[tuple[str, str, str, str], str] = {}
+    names: dict[str, str] = {}
     for name, resolved in tenants.items():
         auth = resolved.auth
-        identity = (auth.resolved_token_url, auth.client_id, auth.audience, auth.tenant)
-        if identity in credentials:
+        client = (auth.resolved_token_url, auth.client_id, auth.audience, auth.tenant)
+        if client in clients:
             problems.append(
                 (
                     f"tenants.{name}.auth",
-                    f"same token URL, client_id, audience and tenant as {credentials[identity]}",
+                    f"same token URL, client_id, audience and tenant as {clients[client]}",
                 )
             )
-        credentials[identity] = name
+        elif auth.tenant in names:
+            problems.append(
+                (
+                    f"tenants.{name}.auth.tenant",
+                    f"{auth.tenant!r} is also the auth.tenant of {names[auth.tenant]}, with "
+                    "another token URL, client_id or audience; metrics are labelled by "
+                    "auth.tenant alone, so configure one client per tenant (routes can give "
+                    "it several scope sets)",
+                )
+            )
+        clients[client] = name
+        names.setdefault(auth.tenant, name)
     return problems
 
 

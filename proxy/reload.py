@@ -77,6 +77,9 @@ class Reloader:
     ) -> None:
         self._path = source.path
         self._loaded = source.loaded
+        # The config the listeners, token store and connection pools were made from: what
+        # only a restart changes is compared with it, at every reload.
+        self._started = source.loaded
         self._running = running
         self._apply = apply
         self._outcome = outcome
@@ -171,9 +174,11 @@ class Reloader:
         """`settings` with the running values of what only a restart can change."""
         update: dict[str, Any] = {}
         for name in RESTART_ONLY:
-            if getattr(settings, name) != getattr(self._loaded, name):
+            if getattr(settings, name) != getattr(self._started, name):
                 logger.warning(
-                    "Reload: %s changed; that takes effect when the proxy restarts.", name
+                    "Reload: %s changed since the proxy started; that takes effect when it "
+                    "restarts.",
+                    name,
                 )
             update[name] = getattr(self._running, name)
 

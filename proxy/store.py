@@ -88,6 +88,11 @@ class StoreHealth:
                 exc,
             )
 
+    @property
+    def is_down(self) -> bool:
+        """The store failed, and has not worked since."""
+        return self._down
+
     def worked(self) -> None:
         if self._down:
             self._down = False
@@ -219,5 +224,7 @@ def open_store(
             raise TokenStoreError(
                 f"token_store.backend redis needs {exc.name}: install skill-engine-proxy[redis]."
             ) from exc
-        return RedisStore(settings.url, metrics, clock, secret_of)
+        return RedisStore(
+            settings.url, metrics, clock, secret_of, lock_timeout=settings.lock_timeout
+        )
     return MemoryStore()

@@ -83,8 +83,9 @@ class FakeClock:
         self._sleepers = waiting
 
 
-async def eventually(condition: Callable[[], object], what: str) -> None:
-    """Wait until `condition` holds: background work over real sockets takes a moment."""
+async def eventually(condition: Callable[[], object], what: str = "the condition") -> None:
+    """Wait until `condition` holds: work in the background, over real sockets or in another
+    process, takes a moment."""
     for _ in range(1000):
         if condition():
             return

@@ -101,6 +101,8 @@ def test_operations_settings_get_the_contract_defaults(tmp_path: Path) -> None:
     assert (settings.shutdown.drain_delay, settings.shutdown.timeout) == (5, 30)
     assert settings.unix_socket_mode == 0o660
     assert settings.auth.client_secret_next is None
+    assert settings.token_store.backend == "memory"
+    assert settings.token_store.lock_timeout == 40
 
 
 def test_operations_settings_are_read(tmp_path: Path) -> None:
@@ -178,6 +180,14 @@ def test_secret_file_is_read_without_its_trailing_newline(tmp_path: Path) -> Non
         (("upstream:", "log: {format: xml}\nupstream:"), "log.format: input should be 'json'"),
         (("upstream:", "shutdown: {timeout: -1}\nupstream:"), "shutdown.timeout: input should"),
         (("upstream:", "shutdown: {drain: 1}\nupstream:"), "shutdown.drain: unknown key"),
+        (
+            ("upstream:", "token_store: {backend: redis, lock_timeout: 0}\nupstream:"),
+            "token_store.lock_timeout: input should be greater than 0",
+        ),
+        (
+            ("upstream:", "token_store: {lock_timeout: true}\nupstream:"),
+            "token_store.lock_timeout: expected a number of seconds",
+        ),
         (("upstream:", "unix_socket_mode: 660\nupstream:"), "unix_socket_mode: expected perm"),
         (("upstream:", "unix_socket_mode: '0o999'\nupstream:"), "unix_socket_mode: expected"),
         (
@@ -402,14 +412,23 @@ def test_the_single_tenant_config_is_one_default_tenant(tmp_path: Path) -> None:
         (("scopes: [read]}", "scopes: [read_reports]}"), "routes[1].scopes: must be among"),
         (("127.0.0.1:8081", "127.0.0.1:8080"), "routes[0].listen: 127.0.0.1:8080 is already in"),
         (("upstream:\n  url: https://skill-engine.example\n", ""), "tenants.acme.upstream"),
-        (("client_id: beta-id", "client_id: acme-id"), None),
+        (("client_id: beta-id", "client_id: acme-id"), None),  # another region: another client
+        (("{header: true}", "{header: true, scopes: [read]}"), None),  # every tenant allows it
+        (
+            ("{header: true}", "{header: true, scopes: [read, read_reports]}"),
+            "routes[2].scopes: a header route can pick every tenant, and tenant acme allows",
+        ),
+        (
+            ("audience: us1, tenant: beta", "audience: us1, tenant: acme"),
+            "tenants.beta.auth.tenant: 'acme' is also the auth.tenant of acme",
+        ),
     ],
 )
 def test_tenant_and_route_errors_name_the_key(
     tmp_path: Path, change: tuple[str, str], expected: str | None
 ) -> None:
     text = TENANTS.replace(*change)
-    if expected is None:  # a different region: not the same client, so fine
+    if expected is None:
         assert load_settings(write(tmp_path, text), {})
         return
     with pytest.raises(ConfigError) as caught:

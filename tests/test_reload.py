@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -19,7 +18,14 @@ from proxy.reload import ConfigSource, Reloader
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy
-from tests.support import SECRET, running_proxy, sample, settings_document, write_config
+from tests.support import (
+    SECRET,
+    eventually,
+    running_proxy,
+    sample,
+    settings_document,
+    write_config,
+)
 
 NEW_SECRET = "rotated-secret"
 
@@ -104,14 +110,6 @@ async def fingerprint_used(client: aiohttp.ClientSession, proxy: ProxyServer) ->
         return str((await response.json())["token_fingerprint"])
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
-
-
 async def metrics_of(client: aiohttp.ClientSession, proxy: ProxyServer) -> str:
     async with client.get(f"{proxy.admin_url}/metrics") as response:
         return await response.text()
@@ -191,14 +189,32 @@ async def test_a_new_listen_address_waits_for_a_restart(
 ) -> None:
     caplog.set_level(logging.INFO)
     proxy = await start_reloading(standins)
-    proxy.rewrite(listen="127.0.0.1:1", replay_body_limit=10)
-    await eventually(lambda: "Reloaded the config" in caplog.text)
+    started_on = proxy.document["listen"]
 
-    assert "listen changed; that takes effect when the proxy restarts" in caplog.text
+    def reloaded(times: int) -> Callable[[], bool]:
+        return lambda: caplog.text.count("Reloaded the config") == times
+
+    def warned() -> int:
+        return caplog.text.count("listen changed since the proxy started")
+
+    proxy.rewrite(listen="127.0.0.1:1", replay_body_limit=10)
+    await eventually(reloaded(1))
+    assert warned() == 1
     assert proxy.server.settings.listen.port != 1
     assert proxy.server.settings.replay_body_limit == 10
     async with aiohttp.ClientSession() as client:
         await fingerprint_used(client, proxy.server)
+
+    # Every reload says it again while the running listener is not the config's...
+    proxy.rewrite(replay_body_limit=200)
+    await eventually(reloaded(2))
+    assert warned() == 2
+    assert proxy.server.settings.replay_body_limit == 200
+
+    # ...and none once the config names the running one again.
+    proxy.rewrite(listen=started_on, replay_body_limit=3000)
+    await eventually(reloaded(3))
+    assert warned() == 2
 
 
 async def test_new_credentials_take_over_once_their_token_is_in_hand(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -208,6 +209,37 @@ async def test_a_tenant_on_its_own_listener(fleet: Fleet, start_proxy: StartProx
         proxy.proxy_url, b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert main.status == 404
+
+
+async def test_a_tenant_on_its_own_unix_socket(
+    fleet: Fleet, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    path = tmp_path / "beta.sock"
+    proxy = await start_proxy(
+        fleet.settings(
+            [{"listen": f"unix:{path}", "tenant": "beta"}, {"prefix": "/acme", "tenant": "acme"}]
+        )
+    )
+    assert list(proxy.route_urls.values()) == [f"unix:{path}"]
+    connector = aiohttp.UnixConnector(path=str(path), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async with session.get("http://localhost/echo") as response:
+            assert response.status == 200
+        async with session.get("http://localhost/acme/echo") as response:
+            assert "X-Skill-Engine-Proxy-Error" not in response.headers  # beta's own 404
+    assert [received.raw_path for received in fleet.beta.skill_engine.received] == [
+        "/echo",
+        "/acme/echo",
+    ]
+    assert list(fleet.acme.skill_engine.received) == []
+    [token_request] = fleet.beta.tokens.requests
+    assert token_request.json()["tenant"] == "beta_corp"
+
+    # The main listener serves the other routes only.
+    status, _ = await get(proxy, "/echo")
+    assert status == 404
+    status, _ = await get(proxy, "/acme/echo")
+    assert status == 200
 
 
 async def test_hostile_header_values_add_no_metric_series(fleet: Fleet, proxy: ProxyServer) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shutil
 import signal
 import socket
@@ -15,11 +17,19 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.config import Settings
 from proxy.metrics import Metrics
 from proxy.store import FileStore, TokenStoreError, key_digest
 from proxy.tokens import SystemClock, Token, TokenKey, parse_token_response
-from tests.conftest import Standins
-from tests.support import proxy_command, settings_document, subprocess_env, write_config
+from tests.conftest import Standins, StartProxy
+from tests.support import (
+    FakeClock,
+    eventually,
+    proxy_command,
+    settings_document,
+    subprocess_env,
+    write_config,
+)
 
 KEY = TokenKey("https://token.example/oauth/token", "client", "aud", "tenant", ("read",))
 
@@ -221,9 +231,18 @@ async def test_four_processes_with_the_file_store_fetch_one_token(
     await proxies.stop()
 
 
-async def test_processes_sharing_a_store_refresh_once_per_round(
+async def test_processes_sharing_a_file_store_refresh_once_per_round(
     tmp_path: Path, standins: Standins, proxies: Proxies
 ) -> None:
+    store = {"backend": "file", "path": str(tmp_path / "tokens")}
+    await refresh_rounds(tmp_path, standins, proxies, store)
+
+
+async def refresh_rounds(
+    tmp_path: Path, standins: Standins, proxies: Proxies, store: dict[str, str]
+) -> None:
+    """Three processes sharing `store`, kept busy through one renewal round: one token
+    request for the first token and one for its renewal, not one per process."""
     standins.tokens.lifetime = 4
     document = settings_document(
         standins.token_url,
@@ -232,7 +251,7 @@ async def test_processes_sharing_a_store_refresh_once_per_round(
         refresh_margin=0.5,
         prefetch=False,  # the first token is the first request's, once all processes run
     )
-    document["token_store"] = {"backend": "file", "path": str(tmp_path / "tokens")}
+    document["token_store"] = store
     config = write_config(tmp_path / "refresh.yaml", document)
     urls = [await proxies.start(config) for _ in range(3)]
 
@@ -346,14 +365,55 @@ async def test_redis_going_away_fails_no_request_and_sharing_resumes(
     assert 2 <= len(standins.tokens.requests) <= 4
 
     await redis_server.start()
+    for log in proxies.logs:  # each process's probe finds Redis again
+        await eventually(lambda log=log: "store works again" in "".join(log))
     await wait_out(standins)
     before = len(standins.tokens.requests)
     assert await spread(urls, 60) == [200] * 60
     assert len(standins.tokens.requests) == before + 1  # shared again
     await proxies.stop()
-    logs = ["".join(log) for log in proxies.logs]
-    assert all("redis token store failed" in log for log in logs)
-    assert all("works again" in log for log in logs)
+    for log in ["".join(log) for log in proxies.logs]:
+        assert log.count("redis token store failed") == 1  # one WARNING for the outage
+        assert log.count("store works again") == 1
+
+
+async def test_processes_sharing_redis_refresh_once_per_fleet(
+    tmp_path: Path, standins: Standins, proxies: Proxies, redis_server: RedisServer
+) -> None:
+    await refresh_rounds(tmp_path, standins, proxies, {"backend": "redis", "url": redis_server.url})
+
+
+async def test_a_proxy_killed_holding_the_lock_holds_the_others_only_until_it_expires(
+    tmp_path: Path, standins: Standins, proxies: Proxies, redis_server: RedisServer
+) -> None:
+    config = shared_config(
+        tmp_path, standins, "lock.yaml", backend="redis", url=redis_server.url, lock_timeout=3
+    )
+    urls = [await proxies.start(config) for _ in range(3)]
+    standins.tokens.gate.clear()  # token requests are held until the test opens the gate
+
+    async with aiohttp.ClientSession() as session:
+
+        async def status(url: str) -> int | None:
+            try:
+                async with session.get(f"{url}/echo") as response:
+                    await response.read()
+                    return response.status
+            except aiohttp.ClientError:
+                return None
+
+        holder = asyncio.create_task(status(urls[0]))
+        await eventually(lambda: len(standins.tokens.requests) == 1)  # it fetches, holding the lock
+        others = [asyncio.create_task(status(url)) for url in urls[1:]]
+        proxies.processes[0].kill()
+        await proxies.processes[0].wait()
+        standins.tokens.gate.set()
+        assert await holder is None
+        assert await asyncio.gather(*others) == [200, 200]
+
+    # Once the dead one's lock expired, one of the others fetched, and the last one read.
+    assert len(standins.tokens.requests) == 2
+    await proxies.stop()
 
 
 async def test_a_fetcher_that_dies_holding_the_lock_holds_the_others_only_until_it_expires(
@@ -365,7 +425,7 @@ async def test_a_fetcher_that_dies_holding_the_lock_holds_the_others_only_until_
 
     client = redis.asyncio.Redis.from_url(redis_server.url)
     store = RedisStore(
-        redis_server.url, Metrics(), SystemClock(), lambda _key: "secret", lock_ttl=1, lock_wait=30
+        redis_server.url, Metrics(), SystemClock(), lambda _key: "secret", lock_timeout=1
     )
     lock_name = f"skill-engine-proxy:token:{key_digest(KEY)}:lock"
     try:
@@ -385,3 +445,205 @@ async def test_a_fetcher_that_dies_holding_the_lock_holds_the_others_only_until_
     # The store fetched holding the lock itself, taken over once the dead one expired.
     assert holders not in ([b"dead-replica"], [None])
     assert len(holders) == 1
+
+
+# Redis down, slow or wrong: the outage is remembered, and told once.
+
+
+class NotRedis:
+    """A loopback server in Redis's place that accepts connections and then never answers
+    (`answer` None) or answers whatever it is sent with `answer`, which is not Redis."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.connections = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(4096):
+                if self.answer is not None:
+                    writer.write(self.answer)
+                    await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+
+def store_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.levelno == logging.WARNING and "token store failed" in record.getMessage()
+    ]
+
+
+def store_errors(metrics: Metrics) -> float:
+    value = metrics.registry.get_sample_value(
+        "skill_engine_proxy_token_store_errors_total", {"backend": "redis"}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(
+    "answer", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n"], ids=["silent", "nonsense"]
+)
+async def test_a_redis_that_hangs_or_talks_nonsense_costs_only_the_first_cold_fetch(
+    standins: Standins,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+    answer: bytes | None,
+) -> None:
+    not_redis = NotRedis(answer)
+    document = settings_document(standins.token_url, standins.upstream_url, prefetch=False)
+    document["token_store"] = {"backend": "redis", "url": await not_redis.start()}
+    # A clock that stands still: the back-off after the failure outlasts the test.
+    proxy = await start_proxy(Settings.model_validate(document), clock=FakeClock())
+
+    # Each scope set is a token key of its own, so every request is a cold fetch.
+    statuses = []
+    async with aiohttp.ClientSession() as client:
+        for scopes in ("read", "write", "read_reports", "read write"):
+            headers = {"X-Skill-Engine-Scopes": scopes}
+            async with client.get(f"{proxy.proxy_url}/echo", headers=headers) as response:
+                statuses.append(response.status)
+            if scopes == "read":
+                after_first = not_redis.connections
+    await not_redis.stop()
+
+    assert statuses == [200] * 4
+    assert len(standins.tokens.requests) == 4
+    assert after_first >= 1
+    assert not_redis.connections == after_first  # the later fetches left Redis alone
+    assert len(store_warnings(caplog)) == 1
+    assert store_errors(proxy.metrics) >= 1
+
+
+async def test_each_redis_outage_warns_once_and_is_counted_and_sharing_resumes(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.redis_store import RETRY_AFTER, RedisStore
+
+    caplog.set_level(logging.INFO, logger="skill_engine_proxy")
+    metrics = Metrics()
+    clock = FakeClock()  # the probe runs when the test moves it
+    store = RedisStore(redis_server.url, metrics, clock, lambda _key: "secret")
+    other = RedisStore(redis_server.url, Metrics(), SystemClock(), lambda _key: "secret")
+    fetches = Fetches()
+    try:
+        await redis_server.stop()
+        for _ in range(3):
+            await store.obtain(KEY, nothing, fetches)
+        assert fetches.count == 3
+        assert store.is_down
+        assert len(store_warnings(caplog)) == 1
+        counted = store_errors(metrics)
+        assert counted >= 1
+
+        # The probe finds Redis still down: a failure counted, not warned about again.
+        clock.advance(RETRY_AFTER)
+        await eventually(lambda: store_errors(metrics) > counted)
+        assert store.is_down
+        assert len(store_warnings(caplog)) == 1
+
+        # Redis is back: the next probe finds it, and tokens are shared again.
+        await redis_server.start()
+        clock.advance(RETRY_AFTER)
+        await eventually(lambda: not store.is_down)
+        assert caplog.text.count("store works again") == 1
+        written = await store.obtain(KEY, nothing, fetches)
+        read = await other.obtain(KEY, everything, fetches)
+        assert read.fingerprint == written.fingerprint
+        assert fetches.count == 4
+
+        # A new outage is a new WARNING.
+        counted = store_errors(metrics)
+        await redis_server.stop()
+        await store.obtain(KEY, nothing, fetches)
+        assert len(store_warnings(caplog)) == 2
+        assert store_errors(metrics) > counted
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_a_token_is_written_to_redis_after_its_request_has_it(
+    redis_server: RedisServer,
+) -> None:
+    from proxy.redis_store import RedisStore
+
+    assert redis_server.process is not None
+    metrics = Metrics()
+    store = RedisStore(redis_server.url, metrics, SystemClock(), lambda _key: "secret")
+    other = RedisStore(redis_server.url, Metrics(), SystemClock(), lambda _key: "secret")
+    fetches = Fetches()
+
+    async def fetch_then_freeze_redis(key: TokenKey) -> Token:
+        redis_server.process.send_signal(signal.SIGSTOP)  # Redis hangs from now on
+        return await fetches(key)
+
+    try:
+        obtained = await store.obtain(KEY, everything, fetch_then_freeze_redis)
+        # The request has its token while the write still waits for Redis: had it waited
+        # for the write, the write would have timed out and Redis would count as down.
+        assert not store.is_down
+        assert store_errors(metrics) == 0
+        redis_server.process.send_signal(signal.SIGCONT)
+        # The write goes through; the lock is released after it, so the other replica
+        # reads the token rather than fetching one.
+        read = await other.obtain(KEY, everything, fetches)
+        assert read.fingerprint == obtained.fingerprint
+        assert fetches.count == 1
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+        await store.close()
+        await other.close()
+
+
+async def test_a_token_redis_holds_under_another_secret_is_reported_once_per_secret(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy.redis_store import RedisStore
+
+    secrets = {"old": "secret-1", "new": "secret-2"}
+    old, new = (
+        RedisStore(
+            redis_server.url, Metrics(), SystemClock(), lambda _key, side=side: secrets[side]
+        )
+        for side in secrets
+    )
+
+    def unreadable() -> int:
+        return caplog.text.count("cannot be read with this proxy's client secret")
+
+    async def take_turns(*replicas: Any) -> None:
+        # As mid-rotation: each replica finds the token the one before stored, cannot
+        # read it, and fetches and stores its own.
+        for replica in replicas:
+            await replica.obtain(KEY, nothing, Fetches())
+
+    try:
+        await take_turns(old, new, old, new, old, new)
+        assert unreadable() == 2  # once by each replica, not at every read
+
+        secrets["old"] = secrets["new"]  # the old side has the new secret now
+        await take_turns(new, old, new, old)
+        assert unreadable() == 2
+
+        secrets["new"] = "secret-3"  # the next rotation: said once more by each
+        await take_turns(new, old, new, old, new, old)
+        assert unreadable() == 4
+    finally:
+        await old.close()
+        await new.close()
