@@ -4,8 +4,9 @@ Nothing here does I/O. `TokenKeeper` is given a `fetch` coroutine function (the 
 endpoint client in production, a fake in policy tests) and a `Clock`, so every rule below
 can be tested without sockets and without waiting.
 
-For each key (token URL, client, audience, tenant, scope set) the keeper holds one token and
-one background worker:
+For each key (token URL, client, audience, tenant, scope set) the keeper holds one token, in
+a `cachetools.TLRUCache` that stops handing it out at its real expiry, and one background
+worker:
 
 - A request takes the current token without waiting while it is usable: until
   `expires_at - refresh_margin`, and after that until `expires_at` only while no newer token
@@ -21,6 +22,7 @@ one background worker:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jwt
+from cachetools import TLRUCache
 from pydantic import SecretStr
 
 from proxy.errors import (
@@ -118,6 +121,22 @@ class TokenKey:
     audience: str
     tenant: str
     scopes: tuple[str, ...] | None
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Hashed once: every request looks its key up, and hashing five fields each time
+        # would cost more than the rest of the lookup.
+        object.__setattr__(self, "_hash", hash(self._fields()))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[TokenKey], tuple[Any, ...]]:
+        # Rebuilt, not copied, in another process: string hashes differ between processes.
+        return TokenKey, self._fields()
+
+    def _fields(self) -> tuple[str, str, str, str, tuple[str, ...] | None]:
+        return self.token_url, self.client_id, self.audience, self.tenant, self.scopes
 
     @property
     def scopes_label(self) -> str:
@@ -296,9 +315,10 @@ class _KeyState:
     key: TokenKey
     policy: RenewalPolicy
     phase: KeyPhase = KeyPhase.EMPTY
-    token: Token | None = None
     usable_until: float = -math.inf
-    """Past this, `token` is attached only if no newer one can be had."""
+    """Past this, the key's token is attached only if no newer one can be had."""
+    expires_at: float = -math.inf
+    """The real expiry of the key's token; -inf while it has none (never had, or dropped)."""
     refresh_at: float = math.inf
     retry_at: float = -math.inf
     failure: TokenUnavailable | None = None
@@ -332,9 +352,14 @@ class _KeyState:
 class TokenKeeper:
     """One token per `TokenKey`, renewed ahead of time and kept through token endpoint outages.
 
-    `cached` is the hot path: a dictionary lookup and a few comparisons, no lock, no await,
-    no allocation. `fetch` is for callers that found no usable token: it joins the first
-    fetch, or starts one, or fails at once while the token endpoint is failing.
+    `cached` is the hot path: a dictionary lookup, a clock reading, a cache lookup (which
+    reads the clock too) and a few comparisons; no lock, no await, no allocation. `fetch`
+    is for callers that found no usable token: it joins the first fetch, or starts one, or
+    fails at once while the token endpoint is failing.
+
+    The tokens themselves live in a TLRU cache whose time-to-use is each token's real
+    expiry and whose timer is the keeper's clock: whatever the per-key bookkeeping says, an
+    expired token is never handed out.
     """
 
     def __init__(
@@ -352,21 +377,28 @@ class TokenKeeper:
         self._events = events or NoEvents()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._states: dict[TokenKey, _KeyState] = {}
+        # No size bound: the config bounds the keys, and `forget` removes those it drops.
+        self._tokens: TLRUCache[TokenKey, Token, float] = TLRUCache(
+            math.inf, _real_expiry, timer=self._clock.now
+        )
         self._closed = False
 
     def cached(self, key: TokenKey) -> Token | None:
         """The token to attach for `key` now, or None when the caller must `fetch`."""
         state = self._states.get(key)
-        if state is None or (token := state.token) is None:
+        if state is None:
             return None
         now = self._clock.now()
+        try:
+            # The cache reads the clock after `now`: a token it hands out is valid at `now`.
+            token = self._tokens[key]
+        except KeyError:  # none yet, dropped, or past its real expiry
+            return None
         state.last_used = now
         if state.parked:
             self._unpark(state)  # renewal was due while nobody asked: now somebody does
         if now < state.usable_until:
             return token
-        if now >= token.expires_at:
-            return None
         if state.is_failing():
             self._events.stale_use(key)
         elif state.in_flight is None and not self._closed:
@@ -417,7 +449,7 @@ class TokenKeeper:
         """Fetch a new token for `key` now, because its credentials changed; the current
         token stays in use until the new one is in hand (or expires)."""
         state = self._states.get(key)
-        if state is None or self._closed or (state.token is None and not state.is_failing()):
+        if state is None or self._closed or (key not in self._tokens and not state.is_failing()):
             return  # nothing to replace: the next request fetches with the new credentials
         state.renew_now = True
         state.retry_at = -math.inf  # new credentials deserve a try before any cool-down ends
@@ -437,6 +469,7 @@ class TokenKeeper:
         state = self._states.pop(key, None)
         if state is None:
             return
+        self._discard(key)
         for task in (state.worker, state.in_flight):
             if task is not None:
                 task.cancel()
@@ -445,7 +478,7 @@ class TokenKeeper:
         """Fetch the token for `key` now, without waiting for it, and `keep` it."""
         self.keep(key)
         state = self._states[key]
-        if state.in_flight is None and state.token is None:
+        if state.in_flight is None and key not in self._tokens:
             self._start_attempt(state)
 
     def problem(self, key: TokenKey) -> str | None:
@@ -454,8 +487,7 @@ class TokenKeeper:
         state = self._states.get(key)
         if state is None:
             return None
-        token = state.token
-        if token is not None and self._clock.now() < token.expires_at:
+        if key in self._tokens:
             return None
         if isinstance(state.failure, CredentialsRejected):
             return f"credentials rejected: {state.failure}"
@@ -477,7 +509,7 @@ class TokenKeeper:
         reach before it is dropped, up to an hour, so the quota is not spent on them.
         """
         state = self._states.get(key)
-        if state is None or state.token is not token:
+        if state is None or self._tokens.get(key) is not token:
             return False
         now = self._clock.now()
         if now - token.obtained_at < state.drop_min_age:
@@ -500,7 +532,8 @@ class TokenKeeper:
                 token.fingerprint,
             )
         state.last_drop = now
-        state.token = None
+        self._discard(key)
+        state.expires_at = -math.inf
         state.refused = token
         state.usable_until = -math.inf
         state.refresh_at = math.inf
@@ -533,14 +566,17 @@ class TokenKeeper:
             self._unpark(state)
         return state
 
+    def _discard(self, key: TokenKey) -> None:
+        with contextlib.suppress(KeyError):  # gone already, or expired meanwhile
+            del self._tokens[key]
+
     def _unpark(self, state: _KeyState) -> None:
         state.parked = False
         state.wake.set()
 
     def _report_expiry(self, state: _KeyState, now: float) -> None:
         """Once per failure streak: the token kept in use while renewals failed ran out."""
-        token = state.token
-        if token is None or now < token.expires_at or state.expiry_reported:
+        if state.expiry_reported or not -math.inf < state.expires_at <= now:
             return
         state.expiry_reported = True
         logger.error(
@@ -599,7 +635,7 @@ class TokenKeeper:
     def _freshness(self, state: _KeyState) -> Freshness:
         """Which token found in a shared store this key takes instead of fetching one: not
         the token being replaced, and not yet due for renewal itself."""
-        replaced = state.token or state.refused
+        replaced = self._tokens.get(state.key) or state.refused
 
         def is_fresh(token: Token) -> bool:
             if replaced is not None and token.fingerprint == replaced.fingerprint:
@@ -618,9 +654,10 @@ class TokenKeeper:
         if state.failure is not None:
             how = "fetched again after failures"
         else:
-            how = "fetched" if state.token is None else "renewed"
+            how = "renewed" if key in self._tokens else "fetched"
         state.phase = KeyPhase.VALID
-        state.token = token
+        self._tokens[key] = token
+        state.expires_at = token.expires_at
         state.fetched = True
         state.usable_until = self._usable_until(state, token)
         state.refresh_at = self._refresh_time(state, token)
@@ -686,8 +723,8 @@ class TokenKeeper:
         return _again(exc, state.retry_at - now)
 
     def _log_failure_streak(self, state: _KeyState, exc: TokenUnavailable, now: float) -> None:
-        token = state.token
-        if token is not None and now < token.expires_at:
+        token = self._tokens.get(state.key)
+        if token is not None:
             logger.warning(
                 "Renewing the token for tenant %s failed: %s The current token stays in use "
                 "for up to %.0f s more; retrying in %.1f s.",
@@ -779,6 +816,11 @@ class TokenKeeper:
         finally:
             for task in waiting:
                 task.cancel()
+
+
+def _real_expiry(_key: TokenKey, token: Token, _now: float) -> float:
+    """How long the token cache may hand `token` out: until its real expiry, no later."""
+    return token.expires_at
 
 
 def _again(exc: TokenUnavailable, retry_after: float) -> TokenUnavailable:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pickle
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -258,6 +262,37 @@ async def test_a_token_is_never_attached_past_its_real_expiry(
     await advance(clock, 3600)  # idle: nothing renewed it
     assert keeper.cached(KEY) is None
     assert await keeper.fetch(KEY) is not first
+
+
+async def test_the_token_cache_refuses_an_expired_token_whatever_the_policy_says(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    # No config can set a margin below zero; here it stands for the keeper's own bookkeeping
+    # gone wrong, holding a token usable past its real expiry. The cache does not hand it out.
+    keeper = make_keeper(refresh_margin=-600)
+    first = await keeper.fetch(KEY)
+    fetch.release.clear()  # every renewal hangs
+    await advance(clock, 3600 - 1)
+    assert keeper.cached(KEY) is first
+    await advance(clock, 1)
+    assert keeper.cached(KEY) is None
+    fetch.release.set()
+
+
+def test_a_token_key_from_another_process_finds_its_token() -> None:
+    # String hashes differ between processes: a key must not carry its hash across.
+    code = (
+        "import pickle, sys; from proxy.tokens import TokenKey; sys.stdout.buffer.write("
+        "pickle.dumps(TokenKey('https://t.example', 'client', 'aud', 'tenant', ('read',))))"
+    )
+    pickled = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONHASHSEED": "1"},
+        capture_output=True,
+        check=True,
+    ).stdout
+    key = TokenKey("https://t.example", "client", "aud", "tenant", ("read",))
+    assert {key: "token"}[pickle.loads(pickled)] == "token"  # noqa: S301 - our own bytes
 
 
 async def test_a_lifetime_just_over_the_margin_still_uses_half_of_it(
