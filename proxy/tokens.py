@@ -397,11 +397,11 @@ class TokenKeeper:
         state.last_used = now
         if state.parked:
             self._unpark(state)  # renewal was due while nobody asked: now somebody does
-        if now < state.usable_until:
-            return token
-        if state.is_failing():
+        if state.failure is not None:
+            # Renewing this token fails: every request it serves meanwhile is a stale use,
+            # before the margin as after it.
             self._events.stale_use(key)
-        elif state.in_flight is None and not self._closed:
+        elif now >= state.usable_until and state.in_flight is None and not self._closed:
             # Past the margin with no renewal under way (the key was idle, or the worker
             # has yet to wake): renew now. No newer token can be had sooner than that
             # renewal brings it, so this one serves until then.

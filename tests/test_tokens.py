@@ -474,6 +474,29 @@ async def test_a_failing_refresh_serves_the_old_token_until_its_real_expiry(
     assert caught.value.retry_after is not None
 
 
+async def test_every_request_served_while_renewal_fails_is_a_stale_use(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, events: Events
+) -> None:
+    keeper = make_keeper(refresh_at=0.5)
+    first = await keeper.fetch(KEY)
+    assert keeper.cached(KEY) is first
+    assert events.stale == 0  # renewal has not failed
+
+    fetch.failures = [TokenEndpointUnreachable("down")] * 1000
+    await advance(clock, 1800)  # the refresh fails, half an hour before the margin
+    for _ in range(3):
+        assert keeper.cached(KEY) is first
+    assert events.stale == 3
+    await advance(clock, 3600 - 60 - 1800 + 1)  # past the margin, still failing
+    assert keeper.cached(KEY) is first
+    assert events.stale == 4
+
+    fetch.failures = []
+    await advance(clock, BACKOFF_CAP)  # a retry succeeds: no longer stale
+    assert keeper.cached(KEY) is not first
+    assert events.stale == 4
+
+
 async def test_without_a_token_callers_are_told_when_the_next_try_is_due(
     make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
 ) -> None:
