@@ -57,11 +57,12 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 # After rejected credentials, one new try per cool-down, whatever the callers do.
 REJECTED_COOL_DOWN = 60.0
-# A 401 from the upstream drops a token only if it is at least this old: a token fetched
-# moments ago that the upstream refuses says more about the upstream or the audience than
-# about the token, and fetching again would only spend quota.
-MIN_AGE_TO_DROP_ON_401 = 60.0
-MAX_AGE_TO_DROP_ON_401 = 3600.0
+# After an upstream 401 replaced a token, another 401 soon after says the upstream refuses
+# fresh tokens (a wrong audience, say): the token is replaced again only once it is this
+# old, and each such replacement doubles the wait, up to the cap, so that tokens nobody
+# accepts cost a handful of token requests a day, not one per request.
+REFUSAL_HOLD_OFF = 60.0
+REFUSAL_HOLD_OFF_CAP = 3600.0
 # The Retry-After a caller gets while a retry is under way: its outcome is soon known.
 _RETRY_UNDER_WAY = 1.0
 # How much earlier than `refresh_at` a refresh may fall, so that proxies started together
@@ -330,8 +331,12 @@ class _KeyState:
     last_used: float = -math.inf
     parked: bool = False
     """The worker found the key idle and waits for a request before renewing."""
-    drop_min_age: float = MIN_AGE_TO_DROP_ON_401
-    last_drop: float = -math.inf
+    hold_off: float = REFUSAL_HOLD_OFF
+    """How old a token must be before a 401 soon after the last one replaces it too."""
+    last_refusal: float = -math.inf
+    """When the upstream last refused this key's current token."""
+    refusing_warned: bool = False
+    """The WARNING that the upstream refuses fresh tokens was logged in this streak."""
     refused: Token | None = None
     """The last token the upstream refused: a shared store's copy of it is not taken."""
     renew_now: bool = False
@@ -502,46 +507,70 @@ class TokenKeeper:
 
     def drop(self, key: TokenKey, token: Token) -> bool:
         """Forget `token` after the upstream refused it, and fetch a new one, if it is still
-        the current token and old enough to blame.
+        the current token (so that a burst of 401s costs one fetch); True if it was dropped.
 
-        Tokens refused one after the other say the upstream, not the token, is at fault
-        (a wrong audience, say): each drop soon after the last doubles the age a token must
-        reach before it is dropped, up to an hour, so the quota is not spent on them.
+        A refusal out of the blue always drops the token, however young: one revoked moments
+        after its fetch is recovered from at once. A refusal soon after the last one says
+        the upstream refuses fresh tokens too (a wrong audience or tenant, say): the token
+        is kept, and its 401s go to the clients, until it is `hold_off` old; then it is
+        replaced and the hold-off doubles, up to an hour. The streak ends when no refusal
+        came for twice the hold-off.
         """
         state = self._states.get(key)
         if state is None or self._tokens.get(key) is not token:
             return False
         now = self._clock.now()
-        if now - token.obtained_at < state.drop_min_age:
-            return False
-        if now - state.last_drop <= 2 * state.drop_min_age:
-            if state.drop_min_age == MIN_AGE_TO_DROP_ON_401:
-                logger.error(
-                    "The upstream refused the new token for tenant %s too: check the audience "
-                    "and the tenant TechWolf gave you. Tokens it keeps refusing are replaced "
-                    "less and less often, down to once an hour.",
-                    key.tenant,
-                )
-            state.drop_min_age = min(state.drop_min_age * 2, MAX_AGE_TO_DROP_ON_401)
-        else:
-            state.drop_min_age = MIN_AGE_TO_DROP_ON_401
+        streak = now - state.last_refusal <= 2 * state.hold_off
+        state.last_refusal = now
+        if not streak:
+            state.hold_off = REFUSAL_HOLD_OFF
+            state.refusing_warned = False
             logger.warning(
                 "The upstream refused the token for tenant %s (fingerprint %s); fetching a "
                 "new one.",
                 key.tenant,
                 token.fingerprint,
             )
-        state.last_drop = now
-        self._discard(key)
+        else:
+            self._warn_refusing(state)
+            if now - token.obtained_at < state.hold_off:
+                return False
+            state.hold_off = min(2 * state.hold_off, REFUSAL_HOLD_OFF_CAP)
+            logger.info(
+                "Replacing the token for tenant %s (fingerprint %s) that the upstream keeps "
+                "refusing; the next replacement waits %.0f s.",
+                key.tenant,
+                token.fingerprint,
+                state.hold_off,
+            )
+        self._replace(state, token, now)
+        return True
+
+    def _replace(self, state: _KeyState, refused: Token, now: float) -> None:
+        """Forget the refused token and fetch another, unless a fetch is under way or due."""
+        self._discard(state.key)
         state.expires_at = -math.inf
-        state.refused = token
+        state.refused = refused
         state.usable_until = -math.inf
         state.refresh_at = math.inf
         if state.phase is KeyPhase.VALID:
             state.phase = KeyPhase.EMPTY
         if state.in_flight is None and now >= state.retry_at and not self._closed:
             self._start_attempt(state)
-        return True
+
+    def _warn_refusing(self, state: _KeyState) -> None:
+        """Once per streak: the upstream refuses the tokens that replace refused ones."""
+        if state.refusing_warned:
+            return
+        state.refusing_warned = True
+        logger.warning(
+            "The upstream refuses fresh tokens for tenant %s too: the audience or the tenant "
+            "is likely wrong; check auth.audience and auth.tenant against what TechWolf gave "
+            "you. Its 401s now go to the clients, and the token is replaced at most once "
+            "per %.0f s, then less and less often, down to once an hour.",
+            state.key.tenant,
+            state.hold_off,
+        )
 
     async def close(self) -> None:
         """Stop every worker and fetch; used when the proxy stops."""

@@ -23,8 +23,8 @@ from proxy.errors import (
 from proxy.tokens import (
     BACKOFF_BASE,
     BACKOFF_CAP,
-    MAX_AGE_TO_DROP_ON_401,
-    MIN_AGE_TO_DROP_ON_401,
+    REFUSAL_HOLD_OFF,
+    REFUSAL_HOLD_OFF_CAP,
     REJECTED_COOL_DOWN,
     Freshness,
     RenewalPolicy,
@@ -696,13 +696,9 @@ async def test_drop_forgets_only_the_current_token_and_fetches_a_new_one(
 ) -> None:
     keeper = make_keeper()
     token = await keeper.fetch(KEY)
-    assert not keeper.drop(KEY, token)  # too new to blame
-    assert keeper.cached(KEY) is token
-
-    await advance(clock, MIN_AGE_TO_DROP_ON_401)
     fetch.release.clear()
-    assert keeper.drop(KEY, token)
-    assert not keeper.drop(KEY, token)
+    assert keeper.drop(KEY, token)  # moments after its fetch: revoked, say
+    assert not keeper.drop(KEY, token)  # the rest of a burst of 401s
     assert keeper.cached(KEY) is None
     await settle()
     assert fetch.calls == 2  # the new token is on its way before anyone asks
@@ -736,10 +732,54 @@ async def test_an_upstream_that_refuses_every_token_does_not_eat_the_quota(
     await a_day_of_requests(refusing, clock, refused=True)
     # Drops soon after drops double the wait, from a minute to an hour: a handful a day.
     assert fetch.calls <= renewals + 12
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1
-    assert "check the audience" in errors[0].getMessage()
-    assert MAX_AGE_TO_DROP_ON_401 == 3600
+    assert REFUSAL_HOLD_OFF_CAP == 3600
+    refusing_fresh = [r for r in caplog.records if "refuses fresh tokens" in r.getMessage()]
+    assert len(refusing_fresh) == 1  # once, not once per refusal
+    assert refusing_fresh[0].levelno == logging.WARNING
+    assert "auth.audience and auth.tenant" in refusing_fresh[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_fresh_tokens_refused_soon_after_a_drop_are_held_back_ever_longer(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    fetch.lifetime = 86400  # no renewal meanwhile: every new token is a replacement
+    keeper = make_keeper()
+    refused = await keeper.fetch(KEY)
+    assert keeper.drop(KEY, refused)  # a first refusal: replaced at once
+
+    waits = []
+    for _ in range(8):
+        await settle()
+        replacement = keeper.cached(KEY)
+        assert replacement is not None
+        waited = 0.0
+        while not keeper.drop(KEY, replacement):  # refused too: its 401s pass for now
+            assert keeper.cached(KEY) is replacement
+            await advance(clock, REFUSAL_HOLD_OFF)
+            waited += REFUSAL_HOLD_OFF
+        waits.append(waited)
+    assert waits == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+    await settle()
+    assert fetch.calls == 1 + 1 + 8
+
+
+async def test_a_refusal_long_after_the_last_one_replaces_even_a_young_token(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fetch.lifetime = 300
+    keeper = make_keeper()
+    assert keeper.drop(KEY, await keeper.fetch(KEY))
+    await settle()
+    replacement = keeper.cached(KEY)
+    await advance(clock, 300 * 0.8)  # renewed in the background since
+    renewed = keeper.cached(KEY)
+    assert renewed is not None
+    assert renewed is not replacement
+    assert clock.now() - renewed.obtained_at < REFUSAL_HOLD_OFF
+
+    assert keeper.drop(KEY, renewed)  # not soon after the last refusal: one of its own
+    assert not [r for r in caplog.records if "refuses fresh tokens" in r.getMessage()]
 
 
 async def test_a_closed_keeper_fetches_nothing(make_keeper: MakeKeeper, fetch: Fetch) -> None:
