@@ -67,7 +67,7 @@ REFUSAL_HOLD_OFF_CAP = 3600.0
 _RETRY_UNDER_WAY = 1.0
 # How much earlier than `refresh_at` a refresh may fall, so that proxies started together
 # do not all renew in the same second.
-_REFRESH_JITTER = 0.05
+REFRESH_JITTER = 0.05
 
 
 Freshness = Callable[["Token"], bool]
@@ -669,12 +669,8 @@ class TokenKeeper:
         def is_fresh(token: Token) -> bool:
             if replaced is not None and token.fingerprint == replaced.fingerprint:
                 return False
-            now = self._clock.now()
-            lifetime = token.expires_at - token.obtained_at
-            renew_from = token.obtained_at + lifetime * state.policy.refresh_at * (
-                1 - _REFRESH_JITTER
-            )
-            return now < min(renew_from, self._usable_until(state, token))
+            earliest, _latest = self._renewal_window(state, token)
+            return self._clock.now() < earliest
 
         return is_fresh
 
@@ -782,12 +778,19 @@ class TokenKeeper:
         return token.expires_at - min(state.policy.refresh_margin, lifetime / 2)
 
     def _refresh_time(self, state: _KeyState, token: Token) -> float:
+        return self._rng.uniform(*self._renewal_window(state, token))
+
+    def _renewal_window(self, state: _KeyState, token: Token) -> tuple[float, float]:
+        """The moments between which `token` is renewed: up to `REFRESH_JITTER` of its age
+        before the latest, so that proxies started together do not renew together."""
         lifetime = token.expires_at - token.obtained_at
-        fraction = state.policy.refresh_at * self._rng.uniform(1 - _REFRESH_JITTER, 1)
-        # Never later than a little before the margin: a request arriving right then must
-        # find the renewal under way, not wait for it.
-        latest = state.usable_until - lifetime * _REFRESH_JITTER
-        return min(token.obtained_at + lifetime * fraction, latest)
+        # At refresh_at of the lifetime, but never later than a little before the margin:
+        # a request arriving right then must find the renewal under way, not wait for it.
+        latest = min(
+            token.obtained_at + lifetime * state.policy.refresh_at,
+            self._usable_until(state, token) - lifetime * REFRESH_JITTER,
+        )
+        return latest - (latest - token.obtained_at) * REFRESH_JITTER, latest
 
     async def _work(self, state: _KeyState) -> None:
         """Renew the token of one key ahead of time, and retry failed fetches."""

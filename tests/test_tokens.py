@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import pickle
+import random
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,7 @@ from proxy.errors import (
 from proxy.tokens import (
     BACKOFF_BASE,
     BACKOFF_CAP,
+    REFRESH_JITTER,
     REFUSAL_HOLD_OFF,
     REFUSAL_HOLD_OFF_CAP,
     REJECTED_COOL_DOWN,
@@ -43,12 +46,19 @@ def parse(payload: object, *, obtained_at: float = 0.0) -> Token:
     return parse_token_response(payload, obtained_at=obtained_at, wall_time=WALL, endpoint="E")
 
 
-class UpperJitter:
-    """Jitter that always takes the top of its range: backoff delays are their ceilings,
-    refreshes fall exactly at `refresh_at`."""
+class FixedJitter:
+    """Jitter that always takes the same place in its range, from 0 (bottom) to 1 (top)."""
 
-    def uniform(self, _low: float, high: float) -> float:
-        return high
+    def __init__(self, place: float) -> None:
+        self.place = place
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.place
+
+
+def UpperJitter() -> FixedJitter:  # noqa: N802 - reads as the class it stands for
+    """Backoff delays are their ceilings, refreshes fall exactly at `refresh_at`."""
+    return FixedJitter(1.0)
 
 
 class Fetch:
@@ -58,6 +68,8 @@ class Fetch:
         self.clock = clock
         self.lifetime = lifetime
         self.calls = 0
+        self.times: list[float] = []
+        """The moment of each call, on the clock."""
         self.release = asyncio.Event()
         self.release.set()
         self.failures: list[TokenUnavailable] = []
@@ -65,6 +77,7 @@ class Fetch:
     async def __call__(self, key: TokenKey, is_fresh: Freshness) -> Token:
         self.calls += 1
         obtained_at = self.clock.now()
+        self.times.append(obtained_at)
         await self.release.wait()
         if self.failures:
             raise self.failures.pop(0)
@@ -112,10 +125,14 @@ def events() -> Events:
 async def make_keeper(clock: FakeClock, fetch: Fetch, events: Events) -> AsyncIterator[MakeKeeper]:
     keepers: list[TokenKeeper] = []
 
-    def make(**options: Any) -> TokenKeeper:
+    def make(rng: Any = None, **options: Any) -> TokenKeeper:
         policy = RenewalPolicy(**options)
         keeper = TokenKeeper(
-            fetch, policy=lambda _key: policy, clock=clock, events=events, rng=UpperJitter()
+            fetch,
+            policy=lambda _key: policy,
+            clock=clock,
+            events=events,
+            rng=rng or UpperJitter(),
         )
         keepers.append(keeper)
         return keeper
@@ -134,6 +151,19 @@ async def settle() -> None:
 async def advance(clock: FakeClock, seconds: float) -> None:
     clock.advance(seconds)
     await settle()
+
+
+async def wake_the_worker(clock: FakeClock) -> None:
+    """Move the clock to the moment the keeper's worker waits for, and let it act."""
+    await settle()
+    clock.advance(max(0.0, clock.next_wake() - clock.now()))
+    await settle()
+
+
+JITTERS = [FixedJitter(0.0), FixedJitter(0.5), FixedJitter(1.0)] + [
+    random.Random(seed)  # noqa: S311 - test jitter
+    for seed in range(5)
+]
 
 
 # What a usable token is.
@@ -352,6 +382,78 @@ async def test_an_idle_key_is_not_refreshed_until_it_is_used_again(
     await settle()
     assert fetch.calls == 2
     assert keeper.cached(KEY) is not first
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "refresh_at"),
+    [(3600, 0.8), (300, 0.9)],  # the second renews by its margin, before refresh_at
+)
+async def test_the_refresh_moment_varies_with_the_jitter_within_its_band(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, lifetime: float, refresh_at: float
+) -> None:
+    fetch.lifetime = lifetime
+    margin = 60
+    # At refresh_at of the life, but no later than a jitter's share of the life before the
+    # margin; jitter moves it up to that share earlier, never later.
+    latest = min(lifetime * refresh_at, lifetime - margin - lifetime * REFRESH_JITTER)
+    earliest = latest * (1 - REFRESH_JITTER)
+    latest, earliest = round(latest, 6), round(earliest, 6)
+
+    moments = []
+    for jitter in JITTERS:
+        keeper = make_keeper(rng=jitter, refresh_at=refresh_at, refresh_margin=margin)
+        token = await keeper.fetch(KEY)
+        await wake_the_worker(clock)
+        moments.append(round(fetch.times[-1] - token.obtained_at, 6))
+        assert keeper.cached(KEY) is not token  # that was the refresh
+        await keeper.close()
+
+    assert all(earliest <= moment <= latest for moment in moments), moments
+    assert all(moment < lifetime - margin for moment in moments)
+    assert moments[:3] == [earliest, round((earliest + latest) / 2, 6), latest]
+    assert len(set(moments)) == len(JITTERS)  # every draw its own moment
+
+
+async def test_retry_delays_are_drawn_between_zero_and_a_doubling_capped_ceiling(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    fetch.failures = [TokenEndpointUnreachable("down")] * 12
+    keeper = make_keeper(rng=random.Random(7))  # noqa: S311 - test jitter
+    with pytest.raises(TokenEndpointUnreachable):
+        await keeper.fetch(KEY)
+    while fetch.calls <= 12:
+        await wake_the_worker(clock)
+
+    delays = [round(later - earlier, 6) for earlier, later in itertools.pairwise(fetch.times)]
+    ceilings = [min(BACKOFF_CAP, BACKOFF_BASE * 2**n) for n in range(len(delays))]
+    assert ceilings[-3:] == [BACKOFF_CAP] * 3
+    assert all(0 <= delay <= ceiling for delay, ceiling in zip(delays, ceilings, strict=True))
+    assert len(set(delays)) == len(delays)  # drawn, not fixed
+    assert any(delay < ceiling / 2 for delay, ceiling in zip(delays, ceilings, strict=True))
+
+
+async def test_retry_after_is_a_floor_under_the_drawn_delay(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    floors = [30.0] + [0.5] * 7
+    fetch.failures = [
+        TokenEndpointUnreachable("429", retry_after=floor, reason="rate_limited")
+        for floor in floors
+    ]
+    keeper = make_keeper(rng=random.Random(3))  # noqa: S311 - test jitter
+    with pytest.raises(TokenEndpointUnreachable) as caught:
+        await keeper.fetch(KEY)
+    assert caught.value.retry_after == 30  # above the first ceiling: Retry-After decides
+    while fetch.calls <= len(floors):
+        await wake_the_worker(clock)
+
+    delays = [round(later - earlier, 6) for earlier, later in itertools.pairwise(fetch.times)]
+    ceilings = [min(BACKOFF_CAP, BACKOFF_BASE * 2**n) for n in range(len(delays))]
+    assert delays[0] == 30
+    for delay, floor, ceiling in zip(delays, floors, ceilings, strict=True):
+        assert floor <= delay <= max(floor, ceiling)
+    assert any(delay > 0.5 for delay in delays[1:])  # a draw above the floor stands
+    assert keeper.cached(KEY) is not None
 
 
 async def test_concurrent_misses_share_one_fetch(make_keeper: MakeKeeper, fetch: Fetch) -> None:
