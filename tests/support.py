@@ -8,7 +8,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +147,15 @@ class HeldRoute:
             return web.Response(text="finished")
 
         return routes
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait until `condition` holds: background work over real sockets takes a moment."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
 
 
 def write_config(path: Path, document: dict[str, Any]) -> Path:

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -28,18 +27,9 @@ from proxy.tokens import (
     fingerprint,
 )
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import TENANT, FakeClock, sample
+from tests.support import TENANT, FakeClock, eventually, sample
 
 LIFETIME = 3600
-
-
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait until `condition` holds: background work over real sockets takes a moment."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
 
 
 class Lifecycle:
