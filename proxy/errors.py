@@ -3,6 +3,7 @@
     ProxyError                       root; an HTTP status and a contract error code
     ├── ConfigError                  the config file cannot be used (exit status 2)
     ├── ListenError                  a listener cannot be bound (exit status 1)
+    ├── TokenStoreError              (in proxy.store) the token store is unsafe (exit status 1)
     ├── TokenUnavailable             503 token_unavailable: no valid token can be had now
     │   ├── CredentialsRejected      the token endpoint refused the client credentials
     │   ├── TokenEndpointUnreachable no answer, a timeout, a 5xx or a 429
@@ -13,6 +14,10 @@
     ├── NoRoute                      404 no_route
     ├── ScopeNotAllowed              403 scope_not_allowed
     └── ClientGone                   the client hung up first; counted as 499, never sent
+
+    UnrelayableHeader                not a ProxyError (in proxy.forwarder): a header value
+                                     aiohttp would alter; the forwarder turns it into
+                                     BadRequest or UpstreamUnreachable
 
 Foreign exceptions (aiohttp's, the OS's) are translated into these once, where they happen;
 the proxy app's middleware turns each into one answer with `error_response`.

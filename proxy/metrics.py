@@ -90,7 +90,7 @@ class Metrics:
         )
         self.token_stale_uses = Counter(
             f"{PREFIX}_token_stale_uses",
-            "Requests served, past the refresh margin, with a token whose renewal failed.",
+            "Requests served with a token while renewing it fails.",
             ["tenant"],
             registry=registry,
         )

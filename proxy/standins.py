@@ -44,6 +44,8 @@ class TokenRequest:
 
     headers: dict[str, str]
     body: bytes
+    header_names: tuple[str, ...] = ()
+    """Every header's name as sent, in order, repeats included."""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -112,7 +114,8 @@ class StandinTokenEndpoint:
 
     async def _token(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.requests.append(TokenRequest(dict(request.headers), body))
+        names = tuple(name.decode("latin-1") for name, _ in request.raw_headers)
+        self.requests.append(TokenRequest(dict(request.headers), body, names))
         if self.delay:
             await asyncio.sleep(self.delay)
         await self.gate.wait()

@@ -79,12 +79,18 @@ def token_request_body(
 
 def new_token_session(outbound: Outbound) -> aiohttp.ClientSession:
     """A session for token requests: TLS always verified (the client secret goes only to a
-    proven token endpoint), no cookies kept between requests."""
+    proven token endpoint), no cookies kept between requests.
+
+    The request carries the documented headers and, beyond what HTTP itself needs (Host,
+    Content-Length), only a User-Agent naming the proxy, in place of aiohttp's own; not
+    the Accept-Encoding aiohttp would add by default.
+    """
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=outbound.token_tls),
         timeout=aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT),
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": f"skill-engine-proxy/{__version__}"},
+        skip_auto_headers={"Accept-Encoding"},
     )
 
 

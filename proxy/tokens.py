@@ -4,8 +4,9 @@ Nothing here does I/O. `TokenKeeper` is given a `fetch` coroutine function (the 
 endpoint client in production, a fake in policy tests) and a `Clock`, so every rule below
 can be tested without sockets and without waiting.
 
-For each key (token URL, client, audience, tenant, scope set) the keeper holds one token and
-one background worker:
+For each key (token URL, client, audience, tenant, scope set) the keeper holds one token, in
+a `cachetools.TLRUCache` that stops handing it out at its real expiry, and one background
+worker:
 
 - A request takes the current token without waiting while it is usable: until
   `expires_at - refresh_margin`, and after that until `expires_at` only while no newer token
@@ -21,6 +22,7 @@ one background worker:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 import logging
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import jwt
+from cachetools import TLRUCache
 from pydantic import SecretStr
 
 from proxy.errors import (
@@ -54,16 +57,17 @@ BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 # After rejected credentials, one new try per cool-down, whatever the callers do.
 REJECTED_COOL_DOWN = 60.0
-# A 401 from the upstream drops a token only if it is at least this old: a token fetched
-# moments ago that the upstream refuses says more about the upstream or the audience than
-# about the token, and fetching again would only spend quota.
-MIN_AGE_TO_DROP_ON_401 = 60.0
-MAX_AGE_TO_DROP_ON_401 = 3600.0
+# After an upstream 401 replaced a token, another 401 soon after says the upstream refuses
+# fresh tokens (a wrong audience, say): the token is replaced again only once it is this
+# old, and each such replacement doubles the wait, up to the cap, so that tokens nobody
+# accepts cost a handful of token requests a day, not one per request.
+REFUSAL_HOLD_OFF = 60.0
+REFUSAL_HOLD_OFF_CAP = 3600.0
 # The Retry-After a caller gets while a retry is under way: its outcome is soon known.
 _RETRY_UNDER_WAY = 1.0
 # How much earlier than `refresh_at` a refresh may fall, so that proxies started together
 # do not all renew in the same second.
-_REFRESH_JITTER = 0.05
+REFRESH_JITTER = 0.05
 
 
 Freshness = Callable[["Token"], bool]
@@ -118,6 +122,22 @@ class TokenKey:
     audience: str
     tenant: str
     scopes: tuple[str, ...] | None
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Hashed once: every request looks its key up, and hashing five fields each time
+        # would cost more than the rest of the lookup.
+        object.__setattr__(self, "_hash", hash(self._fields()))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[TokenKey], tuple[Any, ...]]:
+        # Rebuilt, not copied, in another process: string hashes differ between processes.
+        return TokenKey, self._fields()
+
+    def _fields(self) -> tuple[str, str, str, str, tuple[str, ...] | None]:
+        return self.token_url, self.client_id, self.audience, self.tenant, self.scopes
 
     @property
     def scopes_label(self) -> str:
@@ -296,9 +316,10 @@ class _KeyState:
     key: TokenKey
     policy: RenewalPolicy
     phase: KeyPhase = KeyPhase.EMPTY
-    token: Token | None = None
     usable_until: float = -math.inf
-    """Past this, `token` is attached only if no newer one can be had."""
+    """Past this, the key's token is attached only if no newer one can be had."""
+    expires_at: float = -math.inf
+    """The real expiry of the key's token; -inf while it has none (never had, or dropped)."""
     refresh_at: float = math.inf
     retry_at: float = -math.inf
     failure: TokenUnavailable | None = None
@@ -310,8 +331,12 @@ class _KeyState:
     last_used: float = -math.inf
     parked: bool = False
     """The worker found the key idle and waits for a request before renewing."""
-    drop_min_age: float = MIN_AGE_TO_DROP_ON_401
-    last_drop: float = -math.inf
+    hold_off: float = REFUSAL_HOLD_OFF
+    """How old a token must be before a 401 soon after the last one replaces it too."""
+    last_refusal: float = -math.inf
+    """When the upstream last refused this key's current token."""
+    refusing_warned: bool = False
+    """The WARNING that the upstream refuses fresh tokens was logged in this streak."""
     refused: Token | None = None
     """The last token the upstream refused: a shared store's copy of it is not taken."""
     renew_now: bool = False
@@ -332,9 +357,14 @@ class _KeyState:
 class TokenKeeper:
     """One token per `TokenKey`, renewed ahead of time and kept through token endpoint outages.
 
-    `cached` is the hot path: a dictionary lookup and a few comparisons, no lock, no await,
-    no allocation. `fetch` is for callers that found no usable token: it joins the first
-    fetch, or starts one, or fails at once while the token endpoint is failing.
+    `cached` is the hot path: a dictionary lookup, a clock reading, a cache lookup (which
+    reads the clock too) and a few comparisons; no lock, no await, no allocation. `fetch`
+    is for callers that found no usable token: it joins the first fetch, or starts one, or
+    fails at once while the token endpoint is failing.
+
+    The tokens themselves live in a TLRU cache whose time-to-use is each token's real
+    expiry and whose timer is the keeper's clock: whatever the per-key bookkeeping says, an
+    expired token is never handed out.
     """
 
     def __init__(
@@ -352,24 +382,31 @@ class TokenKeeper:
         self._events = events or NoEvents()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._states: dict[TokenKey, _KeyState] = {}
+        # No size bound: the config bounds the keys, and `forget` removes those it drops.
+        self._tokens: TLRUCache[TokenKey, Token, float] = TLRUCache(
+            math.inf, _real_expiry, timer=self._clock.now
+        )
         self._closed = False
 
     def cached(self, key: TokenKey) -> Token | None:
         """The token to attach for `key` now, or None when the caller must `fetch`."""
         state = self._states.get(key)
-        if state is None or (token := state.token) is None:
+        if state is None:
             return None
         now = self._clock.now()
+        try:
+            # The cache reads the clock after `now`: a token it hands out is valid at `now`.
+            token = self._tokens[key]
+        except KeyError:  # none yet, dropped, or past its real expiry
+            return None
         state.last_used = now
         if state.parked:
             self._unpark(state)  # renewal was due while nobody asked: now somebody does
-        if now < state.usable_until:
-            return token
-        if now >= token.expires_at:
-            return None
-        if state.is_failing():
+        if state.failure is not None:
+            # Renewing this token fails: every request it serves meanwhile is a stale use,
+            # before the margin as after it.
             self._events.stale_use(key)
-        elif state.in_flight is None and not self._closed:
+        elif now >= state.usable_until and state.in_flight is None and not self._closed:
             # Past the margin with no renewal under way (the key was idle, or the worker
             # has yet to wake): renew now. No newer token can be had sooner than that
             # renewal brings it, so this one serves until then.
@@ -417,7 +454,7 @@ class TokenKeeper:
         """Fetch a new token for `key` now, because its credentials changed; the current
         token stays in use until the new one is in hand (or expires)."""
         state = self._states.get(key)
-        if state is None or self._closed or (state.token is None and not state.is_failing()):
+        if state is None or self._closed or (key not in self._tokens and not state.is_failing()):
             return  # nothing to replace: the next request fetches with the new credentials
         state.renew_now = True
         state.retry_at = -math.inf  # new credentials deserve a try before any cool-down ends
@@ -437,6 +474,7 @@ class TokenKeeper:
         state = self._states.pop(key, None)
         if state is None:
             return
+        self._discard(key)
         for task in (state.worker, state.in_flight):
             if task is not None:
                 task.cancel()
@@ -445,7 +483,7 @@ class TokenKeeper:
         """Fetch the token for `key` now, without waiting for it, and `keep` it."""
         self.keep(key)
         state = self._states[key]
-        if state.in_flight is None and state.token is None:
+        if state.in_flight is None and key not in self._tokens:
             self._start_attempt(state)
 
     def problem(self, key: TokenKey) -> str | None:
@@ -454,8 +492,7 @@ class TokenKeeper:
         state = self._states.get(key)
         if state is None:
             return None
-        token = state.token
-        if token is not None and self._clock.now() < token.expires_at:
+        if key in self._tokens:
             return None
         if isinstance(state.failure, CredentialsRejected):
             return f"credentials rejected: {state.failure}"
@@ -470,45 +507,70 @@ class TokenKeeper:
 
     def drop(self, key: TokenKey, token: Token) -> bool:
         """Forget `token` after the upstream refused it, and fetch a new one, if it is still
-        the current token and old enough to blame.
+        the current token (so that a burst of 401s costs one fetch); True if it was dropped.
 
-        Tokens refused one after the other say the upstream, not the token, is at fault
-        (a wrong audience, say): each drop soon after the last doubles the age a token must
-        reach before it is dropped, up to an hour, so the quota is not spent on them.
+        A refusal out of the blue always drops the token, however young: one revoked moments
+        after its fetch is recovered from at once. A refusal soon after the last one says
+        the upstream refuses fresh tokens too (a wrong audience or tenant, say): the token
+        is kept, and its 401s go to the clients, until it is `hold_off` old; then it is
+        replaced and the hold-off doubles, up to an hour. The streak ends when no refusal
+        came for twice the hold-off.
         """
         state = self._states.get(key)
-        if state is None or state.token is not token:
+        if state is None or self._tokens.get(key) is not token:
             return False
         now = self._clock.now()
-        if now - token.obtained_at < state.drop_min_age:
-            return False
-        if now - state.last_drop <= 2 * state.drop_min_age:
-            if state.drop_min_age == MIN_AGE_TO_DROP_ON_401:
-                logger.error(
-                    "The upstream refused the new token for tenant %s too: check the audience "
-                    "and the tenant TechWolf gave you. Tokens it keeps refusing are replaced "
-                    "less and less often, down to once an hour.",
-                    key.tenant,
-                )
-            state.drop_min_age = min(state.drop_min_age * 2, MAX_AGE_TO_DROP_ON_401)
-        else:
-            state.drop_min_age = MIN_AGE_TO_DROP_ON_401
+        streak = now - state.last_refusal <= 2 * state.hold_off
+        state.last_refusal = now
+        if not streak:
+            state.hold_off = REFUSAL_HOLD_OFF
+            state.refusing_warned = False
             logger.warning(
                 "The upstream refused the token for tenant %s (fingerprint %s); fetching a "
                 "new one.",
                 key.tenant,
                 token.fingerprint,
             )
-        state.last_drop = now
-        state.token = None
-        state.refused = token
+        else:
+            self._warn_refusing(state)
+            if now - token.obtained_at < state.hold_off:
+                return False
+            state.hold_off = min(2 * state.hold_off, REFUSAL_HOLD_OFF_CAP)
+            logger.info(
+                "Replacing the token for tenant %s (fingerprint %s) that the upstream keeps "
+                "refusing; the next replacement waits %.0f s.",
+                key.tenant,
+                token.fingerprint,
+                state.hold_off,
+            )
+        self._replace(state, token, now)
+        return True
+
+    def _replace(self, state: _KeyState, refused: Token, now: float) -> None:
+        """Forget the refused token and fetch another, unless a fetch is under way or due."""
+        self._discard(state.key)
+        state.expires_at = -math.inf
+        state.refused = refused
         state.usable_until = -math.inf
         state.refresh_at = math.inf
         if state.phase is KeyPhase.VALID:
             state.phase = KeyPhase.EMPTY
         if state.in_flight is None and now >= state.retry_at and not self._closed:
             self._start_attempt(state)
-        return True
+
+    def _warn_refusing(self, state: _KeyState) -> None:
+        """Once per streak: the upstream refuses the tokens that replace refused ones."""
+        if state.refusing_warned:
+            return
+        state.refusing_warned = True
+        logger.warning(
+            "The upstream refuses fresh tokens for tenant %s too: the audience or the tenant "
+            "is likely wrong; check auth.audience and auth.tenant against what TechWolf gave "
+            "you. Its 401s now go to the clients, and the token is replaced at most once "
+            "per %.0f s, then less and less often, down to once an hour.",
+            state.key.tenant,
+            state.hold_off,
+        )
 
     async def close(self) -> None:
         """Stop every worker and fetch; used when the proxy stops."""
@@ -533,14 +595,17 @@ class TokenKeeper:
             self._unpark(state)
         return state
 
+    def _discard(self, key: TokenKey) -> None:
+        with contextlib.suppress(KeyError):  # gone already, or expired meanwhile
+            del self._tokens[key]
+
     def _unpark(self, state: _KeyState) -> None:
         state.parked = False
         state.wake.set()
 
     def _report_expiry(self, state: _KeyState, now: float) -> None:
         """Once per failure streak: the token kept in use while renewals failed ran out."""
-        token = state.token
-        if token is None or now < token.expires_at or state.expiry_reported:
+        if state.expiry_reported or not -math.inf < state.expires_at <= now:
             return
         state.expiry_reported = True
         logger.error(
@@ -599,17 +664,13 @@ class TokenKeeper:
     def _freshness(self, state: _KeyState) -> Freshness:
         """Which token found in a shared store this key takes instead of fetching one: not
         the token being replaced, and not yet due for renewal itself."""
-        replaced = state.token or state.refused
+        replaced = self._tokens.get(state.key) or state.refused
 
         def is_fresh(token: Token) -> bool:
             if replaced is not None and token.fingerprint == replaced.fingerprint:
                 return False
-            now = self._clock.now()
-            lifetime = token.expires_at - token.obtained_at
-            renew_from = token.obtained_at + lifetime * state.policy.refresh_at * (
-                1 - _REFRESH_JITTER
-            )
-            return now < min(renew_from, self._usable_until(state, token))
+            earliest, _latest = self._renewal_window(state, token)
+            return self._clock.now() < earliest
 
         return is_fresh
 
@@ -618,9 +679,10 @@ class TokenKeeper:
         if state.failure is not None:
             how = "fetched again after failures"
         else:
-            how = "fetched" if state.token is None else "renewed"
+            how = "renewed" if key in self._tokens else "fetched"
         state.phase = KeyPhase.VALID
-        state.token = token
+        self._tokens[key] = token
+        state.expires_at = token.expires_at
         state.fetched = True
         state.usable_until = self._usable_until(state, token)
         state.refresh_at = self._refresh_time(state, token)
@@ -686,8 +748,8 @@ class TokenKeeper:
         return _again(exc, state.retry_at - now)
 
     def _log_failure_streak(self, state: _KeyState, exc: TokenUnavailable, now: float) -> None:
-        token = state.token
-        if token is not None and now < token.expires_at:
+        token = self._tokens.get(state.key)
+        if token is not None:
             logger.warning(
                 "Renewing the token for tenant %s failed: %s The current token stays in use "
                 "for up to %.0f s more; retrying in %.1f s.",
@@ -716,12 +778,19 @@ class TokenKeeper:
         return token.expires_at - min(state.policy.refresh_margin, lifetime / 2)
 
     def _refresh_time(self, state: _KeyState, token: Token) -> float:
+        return self._rng.uniform(*self._renewal_window(state, token))
+
+    def _renewal_window(self, state: _KeyState, token: Token) -> tuple[float, float]:
+        """The moments between which `token` is renewed: up to `REFRESH_JITTER` of its age
+        before the latest, so that proxies started together do not renew together."""
         lifetime = token.expires_at - token.obtained_at
-        fraction = state.policy.refresh_at * self._rng.uniform(1 - _REFRESH_JITTER, 1)
-        # Never later than a little before the margin: a request arriving right then must
-        # find the renewal under way, not wait for it.
-        latest = state.usable_until - lifetime * _REFRESH_JITTER
-        return min(token.obtained_at + lifetime * fraction, latest)
+        # At refresh_at of the lifetime, but never later than a little before the margin:
+        # a request arriving right then must find the renewal under way, not wait for it.
+        latest = min(
+            token.obtained_at + lifetime * state.policy.refresh_at,
+            self._usable_until(state, token) - lifetime * REFRESH_JITTER,
+        )
+        return latest - (latest - token.obtained_at) * REFRESH_JITTER, latest
 
     async def _work(self, state: _KeyState) -> None:
         """Renew the token of one key ahead of time, and retry failed fetches."""
@@ -779,6 +848,11 @@ class TokenKeeper:
         finally:
             for task in waiting:
                 task.cancel()
+
+
+def _real_expiry(_key: TokenKey, token: Token, _now: float) -> float:
+    """How long the token cache may hand `token` out: until its real expiry, no later."""
+    return token.expires_at
 
 
 def _again(exc: TokenUnavailable, retry_after: float) -> TokenUnavailable:

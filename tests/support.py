@@ -71,6 +71,10 @@ class FakeClock:
         self._sleepers.append((moment, future))
         await future
 
+    def next_wake(self) -> float:
+        """The earliest moment a sleeper still waits for."""
+        return min(moment for moment, future in self._sleepers if not future.done())
+
     def advance(self, seconds: float) -> None:
         self._now += seconds
         waiting = []

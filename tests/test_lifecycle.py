@@ -22,7 +22,7 @@ from proxy.standins import Answer
 from proxy.tokens import (
     BACKOFF_BASE,
     BACKOFF_CAP,
-    MIN_AGE_TO_DROP_ON_401,
+    REFUSAL_HOLD_OFF,
     REJECTED_COOL_DOWN,
     fingerprint,
 )
@@ -203,15 +203,16 @@ async def test_a_refresh_that_fails_twice_serves_the_old_token_and_succeeds_on_t
     assert len(warnings) == 1
 
 
-async def test_past_the_margin_a_failing_refresh_is_counted_as_stale_uses(
+async def test_every_request_served_while_the_refresh_fails_is_a_stale_use(
     running: Lifecycle,
 ) -> None:
     first = await running.fingerprint()
     running.standins.tokens.answer_next(Answer(503), times=10_000)
-    await running.advance(LIFETIME - 30)  # inside the margin; every renewal so far failed
-    await eventually(lambda: running.fetches() >= 2, "a renewal")
-    assert await running.fingerprint() == first
-    assert await running.metric("token_stale_uses_total", tenant=TENANT) >= 1
+    await running.advance(LIFETIME * 0.8)  # the refresh fails, well before the margin
+    await eventually(lambda: running.fetches() == 2, "the refresh")
+    for _ in range(3):
+        assert await running.fingerprint() == first
+    assert await running.metric("token_stale_uses_total", tenant=TENANT) == 3
 
 
 async def test_an_outage_longer_than_the_token_gives_503_with_retry_after_and_heals(
@@ -372,6 +373,18 @@ def condemning_routes(condemned: set[str], arrivals: asyncio.Event, expected: in
     return routes
 
 
+def refusing_routes(attempts: list[str]) -> web.RouteTableDef:
+    """`/always-401`: refuses every token, as an upstream of another audience would."""
+    routes = web.RouteTableDef()
+
+    @routes.get("/always-401")
+    async def always_401(request: web.Request) -> web.Response:
+        attempts.append(request.headers["Authorization"])
+        return web.json_response({"error": "invalid_token"}, status=401)
+
+    return routes
+
+
 async def test_200_concurrent_401s_cause_one_new_fetch_and_one_replay_each(
     start_lifecycle: Any,
 ) -> None:
@@ -382,7 +395,6 @@ async def test_200_concurrent_401s_cause_one_new_fetch_and_one_replay_each(
     )
     await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
     condemned.add(await lifecycle.fingerprint())
-    await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
     received_before = len(lifecycle.standins.skill_engine.received)
 
     results = await asyncio.gather(*(lifecycle.get("/gathered") for _ in range(200)))
@@ -400,17 +412,9 @@ async def test_200_concurrent_401s_cause_one_new_fetch_and_one_replay_each(
 async def test_a_replayed_request_refused_again_is_not_replayed_twice(
     start_lifecycle: Any,
 ) -> None:
-    routes = web.RouteTableDef()
     attempts: list[str] = []
-
-    @routes.get("/always-401")
-    async def always_401(request: web.Request) -> web.Response:
-        attempts.append(request.headers["Authorization"])
-        return web.json_response({"error": "invalid_token"}, status=401)
-
-    lifecycle: Lifecycle = await start_lifecycle(routes=routes)
+    lifecycle: Lifecycle = await start_lifecycle(routes=refusing_routes(attempts))
     await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
-    await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
 
     status, _ = await lifecycle.get("/always-401")
     assert status == 401
@@ -423,7 +427,6 @@ async def test_a_small_body_is_replayed_intact(start_lifecycle: Any) -> None:
     seen: list[bytes] = []
     lifecycle: Lifecycle = await start_lifecycle(routes=replay_routes(seen))
     await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
-    await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
     lifecycle.standins.tokens.revoke_all()
 
     body = b"x" * 60_000
@@ -439,7 +442,6 @@ async def test_a_large_or_unsized_body_with_a_401_is_passed_through_not_replayed
 ) -> None:
     lifecycle: Lifecycle = await start_lifecycle(routes=replay_routes([]))
     await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
-    await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
     lifecycle.standins.tokens.revoke_all()
 
     async def stream() -> Any:
@@ -456,19 +458,48 @@ async def test_a_large_or_unsized_body_with_a_401_is_passed_through_not_replayed
     assert lifecycle.token_requests == 2
 
 
-async def test_a_401_on_a_brand_new_token_is_passed_through_without_a_fetch(
+async def test_a_token_revoked_moments_after_its_fetch_is_replaced_and_the_request_replayed(
     running: Lifecycle,
 ) -> None:
+    first = await running.fingerprint()
     running.standins.tokens.revoke_all()
-    status, _ = await running.get()
-    assert status == 401
-    assert running.token_requests == 1
+    second = await running.fingerprint()  # the 401 is not seen: the request was replayed
+    assert second != first
+    assert running.token_requests == 2
+    assert (
+        await running.metric("upstream_unauthorized_total", tenant=TENANT, outcome="replayed") == 1
+    )
+
+
+async def test_an_upstream_that_refuses_fresh_tokens_gets_its_401s_passed_not_a_fetch_each(
+    start_lifecycle: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[str] = []
+    lifecycle: Lifecycle = await start_lifecycle(routes=refusing_routes(attempts))
+    await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
+
+    assert (await lifecycle.get("/always-401"))[0] == 401  # replayed once with a new token
+    assert lifecycle.token_requests == 2
+    for _ in range(20):  # the new token is refused too: no new one for each request
+        assert (await lifecycle.get("/always-401"))[0] == 401
+    assert lifecycle.token_requests == 2
+    assert len(attempts) == 2 + 20
+
+    await lifecycle.advance(REFUSAL_HOLD_OFF)  # the hold-off ends: one more try
+    assert (await lifecycle.get("/always-401"))[0] == 401
+    assert lifecycle.token_requests == 3
+    await lifecycle.advance(REFUSAL_HOLD_OFF)  # the next hold-off is twice as long
+    assert (await lifecycle.get("/always-401"))[0] == 401
+    assert lifecycle.token_requests == 3
+
+    refusing = [r for r in caplog.records if "refuses fresh tokens" in r.getMessage()]
+    assert len(refusing) == 1
+    assert refusing[0].levelno == logging.WARNING
 
 
 async def test_a_403_is_passed_through_without_a_new_token(start_lifecycle: Any) -> None:
     lifecycle: Lifecycle = await start_lifecycle(routes=replay_routes([]))
     await eventually(lambda: lifecycle.fetches() == 1, "the start-up fetch")
-    await lifecycle.advance(MIN_AGE_TO_DROP_ON_401)
     status, _ = await lifecycle.get("/forbidden")
     assert status == 403
     assert lifecycle.token_requests == 1

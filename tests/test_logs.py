@@ -9,20 +9,23 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.config import LogSettings
+from proxy.config import LogSettings, load_settings
 from proxy.logs import AccessLog, AccessRecord, access_log, configure_logging
+from proxy.reload import ConfigSource, Reloader
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import SECRET, TENANT
+from tests.support import SECRET, TENANT, eventually, settings_document, write_config
 
 Capture = Callable[..., io.StringIO]
+NEXT_SECRET = "standin-next-secret"
 
 
 @pytest.fixture
@@ -201,6 +204,30 @@ async def test_lifecycle_events_are_logged_at_info(
     assert "Stopped." in messages
 
 
+def assert_nothing_secret(text: str, tokens: set[str]) -> None:
+    """`text` holds none of the stand-ins' secrets, none of `tokens`, and none of the
+    credentials the tests send."""
+    assert len(tokens) >= 2  # at least the first token and its replacement after a 401
+    for secret in (
+        SECRET,
+        NEXT_SECRET,
+        *tokens,
+        "client-own-token",
+        "cookie-value",
+        "set-cookie-value",
+        "proxy-credential",
+        "query-value",
+    ):
+        assert secret not in text
+
+
+def replayed(proxy: ProxyServer) -> float | None:
+    return proxy.metrics.registry.get_sample_value(
+        "skill_engine_proxy_upstream_unauthorized_total",
+        {"tenant": TENANT, "outcome": "replayed"},
+    )
+
+
 @pytest.mark.parametrize("log_format", ["json", "text"])
 async def test_no_secret_token_or_cookie_in_any_log_at_debug(
     log_format: str,
@@ -208,8 +235,8 @@ async def test_no_secret_token_or_cookie_in_any_log_at_debug(
     start_standins: StartStandins,
     start_proxy: StartProxy,
 ) -> None:
-    """Every path the proxy has, at DEBUG: success, replay after a 401, cookies both ways,
-    token endpoint failures and rejections (echoing the secret), refused requests."""
+    """Every path a request takes, at DEBUG: success, replay after a 401, cookies both
+    ways, token endpoint failures and rejections (echoing the secret), refused requests."""
     output = capture_logs(level="debug", format=log_format)
     routes = web.RouteTableDef()
 
@@ -228,12 +255,13 @@ async def test_no_secret_token_or_cookie_in_any_log_at_debug(
             ("/echo?q=query-value", {"Proxy-Authorization": "Basic proxy-credential"}),
         ]:
             async with client.get(f"{proxy.proxy_url}{path}", headers=headers) as response:
-                await response.read()
+                assert response.status == 200
 
-        tokens = list(standins.tokens.issued)
+        tokens = set(standins.tokens.issued)
         standins.tokens.revoke_all()  # the next request meets a 401 and is replayed
         async with client.get(f"{proxy.proxy_url}/version") as response:
-            await response.read()
+            assert response.status == 200
+        assert replayed(proxy) == 1
 
         async with client.request("TRACE", f"{proxy.proxy_url}/version") as response:
             assert response.status == 400
@@ -245,19 +273,59 @@ async def test_no_secret_token_or_cookie_in_any_log_at_debug(
     async with aiohttp.ClientSession() as client, client.get(f"{rejecting.proxy_url}/v") as answer:
         assert answer.status == 503
 
+    assert "Token fetched" in output.getvalue()
+    assert_nothing_secret(output.getvalue(), tokens | set(standins.tokens.issued))
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_no_secret_or_token_in_any_log_at_debug_through_reload_rotation_and_drain(
+    log_format: str,
+    capture_logs: Capture,
+    standins: Standins,
+    start_proxy: StartProxy,
+    tmp_path: Path,
+) -> None:
+    """The operator's paths, at DEBUG: a file token store, a 401 replayed through it, a
+    reload (as on SIGHUP) that brings in the next secret as the current one is revoked,
+    and the drain."""
+    output = capture_logs(level="debug", format=log_format)
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["token_store"] = {"backend": "file", "path": str(tmp_path / "tokens")}
+    config = write_config(tmp_path / "config.yaml", document)
+    settings = load_settings(config)
+    proxy = await start_proxy(settings)
+    # Reloads come when asked, as on SIGHUP; the file watcher is left out of it.
+    source = ConfigSource(str(config), settings)
+    reloader = Reloader(source, settings, proxy.reconfigure, interval=3600)
+    reloader.start()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.proxy_url}/version") as response:
+            assert response.status == 200
+        assert list((tmp_path / "tokens").glob("*.json"))  # the token went through the store
+
+        tokens = set(standins.tokens.issued)
+        standins.tokens.revoke_all()
+        async with client.get(f"{proxy.proxy_url}/version") as response:
+            assert response.status == 200
+        assert replayed(proxy) == 1
+
+        standins.tokens.client_secret = NEXT_SECRET  # the current secret is revoked
+        document["auth"]["client_secret_next"] = NEXT_SECRET
+        write_config(config, document)
+        reloader.request("SIGHUP")
+        await eventually(lambda: "client_secret_next worked" in output.getvalue(), "rotation")
+        async with client.get(f"{proxy.proxy_url}/version") as response:
+            assert response.status == 200
+    await reloader.close()
+    await proxy.drain()
+    await proxy.stop()
+
+    sent = [request.json()["client_secret"] for request in standins.tokens.requests]
+    assert sent[-2:] == [SECRET, NEXT_SECRET]  # the current one refused, the next one taken
     text = output.getvalue()
-    assert "Token fetched" in text
-    tokens += list(standins.tokens.issued)
-    for secret in (
-        SECRET,
-        *tokens,
-        "client-own-token",
-        "cookie-value",
-        "set-cookie-value",
-        "proxy-credential",
-        "query-value",
-    ):
-        assert secret not in text
+    for event in ("Reloaded the config", "Draining", "Stopped."):
+        assert event in text
+    assert_nothing_secret(text, tokens | set(standins.tokens.issued))
 
 
 class CountingStream(io.StringIO):

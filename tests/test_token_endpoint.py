@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from proxy import __version__
 from proxy.config import AuthSettings, NetworkSettings
 from proxy.errors import (
     BadTokenResponse,
@@ -56,6 +57,15 @@ async def test_the_token_request_is_the_documented_one(
     [request] = standins.tokens.requests
     assert request.headers["Content-Type"] == "application/json"
     assert request.headers["Accept"] == "application/json"
+    assert request.headers["User-Agent"] == f"skill-engine-proxy/{__version__}"
+    # Beyond the documented headers only what HTTP needs: no Accept-Encoding, no repeats.
+    assert sorted(name.lower() for name in request.header_names) == [
+        "accept",
+        "content-length",
+        "content-type",
+        "host",
+        "user-agent",
+    ]
     expected = {
         "client_id": CLIENT_ID,
         "client_secret": SECRET,
@@ -65,7 +75,7 @@ async def test_the_token_request_is_the_documented_one(
     }
     if sent_scopes is not None:
         expected["scopes"] = sent_scopes
-    assert request.json() == expected
+    assert list(request.json().items()) == list(expected.items())  # nothing else, in order
     assert token.lifetime == 3600
 
 

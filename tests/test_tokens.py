@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
+import pickle
+import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,8 +25,9 @@ from proxy.errors import (
 from proxy.tokens import (
     BACKOFF_BASE,
     BACKOFF_CAP,
-    MAX_AGE_TO_DROP_ON_401,
-    MIN_AGE_TO_DROP_ON_401,
+    REFRESH_JITTER,
+    REFUSAL_HOLD_OFF,
+    REFUSAL_HOLD_OFF_CAP,
     REJECTED_COOL_DOWN,
     Freshness,
     RenewalPolicy,
@@ -39,12 +46,19 @@ def parse(payload: object, *, obtained_at: float = 0.0) -> Token:
     return parse_token_response(payload, obtained_at=obtained_at, wall_time=WALL, endpoint="E")
 
 
-class UpperJitter:
-    """Jitter that always takes the top of its range: backoff delays are their ceilings,
-    refreshes fall exactly at `refresh_at`."""
+class FixedJitter:
+    """Jitter that always takes the same place in its range, from 0 (bottom) to 1 (top)."""
 
-    def uniform(self, _low: float, high: float) -> float:
-        return high
+    def __init__(self, place: float) -> None:
+        self.place = place
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.place
+
+
+def UpperJitter() -> FixedJitter:  # noqa: N802 - reads as the class it stands for
+    """Backoff delays are their ceilings, refreshes fall exactly at `refresh_at`."""
+    return FixedJitter(1.0)
 
 
 class Fetch:
@@ -54,6 +68,8 @@ class Fetch:
         self.clock = clock
         self.lifetime = lifetime
         self.calls = 0
+        self.times: list[float] = []
+        """The moment of each call, on the clock."""
         self.release = asyncio.Event()
         self.release.set()
         self.failures: list[TokenUnavailable] = []
@@ -61,6 +77,7 @@ class Fetch:
     async def __call__(self, key: TokenKey, is_fresh: Freshness) -> Token:
         self.calls += 1
         obtained_at = self.clock.now()
+        self.times.append(obtained_at)
         await self.release.wait()
         if self.failures:
             raise self.failures.pop(0)
@@ -108,10 +125,14 @@ def events() -> Events:
 async def make_keeper(clock: FakeClock, fetch: Fetch, events: Events) -> AsyncIterator[MakeKeeper]:
     keepers: list[TokenKeeper] = []
 
-    def make(**options: Any) -> TokenKeeper:
+    def make(rng: Any = None, **options: Any) -> TokenKeeper:
         policy = RenewalPolicy(**options)
         keeper = TokenKeeper(
-            fetch, policy=lambda _key: policy, clock=clock, events=events, rng=UpperJitter()
+            fetch,
+            policy=lambda _key: policy,
+            clock=clock,
+            events=events,
+            rng=rng or UpperJitter(),
         )
         keepers.append(keeper)
         return keeper
@@ -130,6 +151,19 @@ async def settle() -> None:
 async def advance(clock: FakeClock, seconds: float) -> None:
     clock.advance(seconds)
     await settle()
+
+
+async def wake_the_worker(clock: FakeClock) -> None:
+    """Move the clock to the moment the keeper's worker waits for, and let it act."""
+    await settle()
+    clock.advance(max(0.0, clock.next_wake() - clock.now()))
+    await settle()
+
+
+JITTERS = [FixedJitter(0.0), FixedJitter(0.5), FixedJitter(1.0)] + [
+    random.Random(seed)  # noqa: S311 - test jitter
+    for seed in range(5)
+]
 
 
 # What a usable token is.
@@ -260,6 +294,37 @@ async def test_a_token_is_never_attached_past_its_real_expiry(
     assert await keeper.fetch(KEY) is not first
 
 
+async def test_the_token_cache_refuses_an_expired_token_whatever_the_policy_says(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    # No config can set a margin below zero; here it stands for the keeper's own bookkeeping
+    # gone wrong, holding a token usable past its real expiry. The cache does not hand it out.
+    keeper = make_keeper(refresh_margin=-600)
+    first = await keeper.fetch(KEY)
+    fetch.release.clear()  # every renewal hangs
+    await advance(clock, 3600 - 1)
+    assert keeper.cached(KEY) is first
+    await advance(clock, 1)
+    assert keeper.cached(KEY) is None
+    fetch.release.set()
+
+
+def test_a_token_key_from_another_process_finds_its_token() -> None:
+    # String hashes differ between processes: a key must not carry its hash across.
+    code = (
+        "import pickle, sys; from proxy.tokens import TokenKey; sys.stdout.buffer.write("
+        "pickle.dumps(TokenKey('https://t.example', 'client', 'aud', 'tenant', ('read',))))"
+    )
+    pickled = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONHASHSEED": "1"},
+        capture_output=True,
+        check=True,
+    ).stdout
+    key = TokenKey("https://t.example", "client", "aud", "tenant", ("read",))
+    assert {key: "token"}[pickle.loads(pickled)] == "token"  # noqa: S301 - our own bytes
+
+
 async def test_a_lifetime_just_over_the_margin_still_uses_half_of_it(
     make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
 ) -> None:
@@ -317,6 +382,78 @@ async def test_an_idle_key_is_not_refreshed_until_it_is_used_again(
     await settle()
     assert fetch.calls == 2
     assert keeper.cached(KEY) is not first
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "refresh_at"),
+    [(3600, 0.8), (300, 0.9)],  # the second renews by its margin, before refresh_at
+)
+async def test_the_refresh_moment_varies_with_the_jitter_within_its_band(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, lifetime: float, refresh_at: float
+) -> None:
+    fetch.lifetime = lifetime
+    margin = 60
+    # At refresh_at of the life, but no later than a jitter's share of the life before the
+    # margin; jitter moves it up to that share earlier, never later.
+    latest = min(lifetime * refresh_at, lifetime - margin - lifetime * REFRESH_JITTER)
+    earliest = latest * (1 - REFRESH_JITTER)
+    latest, earliest = round(latest, 6), round(earliest, 6)
+
+    moments = []
+    for jitter in JITTERS:
+        keeper = make_keeper(rng=jitter, refresh_at=refresh_at, refresh_margin=margin)
+        token = await keeper.fetch(KEY)
+        await wake_the_worker(clock)
+        moments.append(round(fetch.times[-1] - token.obtained_at, 6))
+        assert keeper.cached(KEY) is not token  # that was the refresh
+        await keeper.close()
+
+    assert all(earliest <= moment <= latest for moment in moments), moments
+    assert all(moment < lifetime - margin for moment in moments)
+    assert moments[:3] == [earliest, round((earliest + latest) / 2, 6), latest]
+    assert len(set(moments)) == len(JITTERS)  # every draw its own moment
+
+
+async def test_retry_delays_are_drawn_between_zero_and_a_doubling_capped_ceiling(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    fetch.failures = [TokenEndpointUnreachable("down")] * 12
+    keeper = make_keeper(rng=random.Random(7))  # noqa: S311 - test jitter
+    with pytest.raises(TokenEndpointUnreachable):
+        await keeper.fetch(KEY)
+    while fetch.calls <= 12:
+        await wake_the_worker(clock)
+
+    delays = [round(later - earlier, 6) for earlier, later in itertools.pairwise(fetch.times)]
+    ceilings = [min(BACKOFF_CAP, BACKOFF_BASE * 2**n) for n in range(len(delays))]
+    assert ceilings[-3:] == [BACKOFF_CAP] * 3
+    assert all(0 <= delay <= ceiling for delay, ceiling in zip(delays, ceilings, strict=True))
+    assert len(set(delays)) == len(delays)  # drawn, not fixed
+    assert any(delay < ceiling / 2 for delay, ceiling in zip(delays, ceilings, strict=True))
+
+
+async def test_retry_after_is_a_floor_under_the_drawn_delay(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    floors = [30.0] + [0.5] * 7
+    fetch.failures = [
+        TokenEndpointUnreachable("429", retry_after=floor, reason="rate_limited")
+        for floor in floors
+    ]
+    keeper = make_keeper(rng=random.Random(3))  # noqa: S311 - test jitter
+    with pytest.raises(TokenEndpointUnreachable) as caught:
+        await keeper.fetch(KEY)
+    assert caught.value.retry_after == 30  # above the first ceiling: Retry-After decides
+    while fetch.calls <= len(floors):
+        await wake_the_worker(clock)
+
+    delays = [round(later - earlier, 6) for earlier, later in itertools.pairwise(fetch.times)]
+    ceilings = [min(BACKOFF_CAP, BACKOFF_BASE * 2**n) for n in range(len(delays))]
+    assert delays[0] == 30
+    for delay, floor, ceiling in zip(delays, floors, ceilings, strict=True):
+        assert floor <= delay <= max(floor, ceiling)
+    assert any(delay > 0.5 for delay in delays[1:])  # a draw above the floor stands
+    assert keeper.cached(KEY) is not None
 
 
 async def test_concurrent_misses_share_one_fetch(make_keeper: MakeKeeper, fetch: Fetch) -> None:
@@ -437,6 +574,29 @@ async def test_a_failing_refresh_serves_the_old_token_until_its_real_expiry(
     with pytest.raises(TokenEndpointUnreachable) as caught:
         await keeper.fetch(KEY)
     assert caught.value.retry_after is not None
+
+
+async def test_every_request_served_while_renewal_fails_is_a_stale_use(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, events: Events
+) -> None:
+    keeper = make_keeper(refresh_at=0.5)
+    first = await keeper.fetch(KEY)
+    assert keeper.cached(KEY) is first
+    assert events.stale == 0  # renewal has not failed
+
+    fetch.failures = [TokenEndpointUnreachable("down")] * 1000
+    await advance(clock, 1800)  # the refresh fails, half an hour before the margin
+    for _ in range(3):
+        assert keeper.cached(KEY) is first
+    assert events.stale == 3
+    await advance(clock, 3600 - 60 - 1800 + 1)  # past the margin, still failing
+    assert keeper.cached(KEY) is first
+    assert events.stale == 4
+
+    fetch.failures = []
+    await advance(clock, BACKOFF_CAP)  # a retry succeeds: no longer stale
+    assert keeper.cached(KEY) is not first
+    assert events.stale == 4
 
 
 async def test_without_a_token_callers_are_told_when_the_next_try_is_due(
@@ -638,13 +798,9 @@ async def test_drop_forgets_only_the_current_token_and_fetches_a_new_one(
 ) -> None:
     keeper = make_keeper()
     token = await keeper.fetch(KEY)
-    assert not keeper.drop(KEY, token)  # too new to blame
-    assert keeper.cached(KEY) is token
-
-    await advance(clock, MIN_AGE_TO_DROP_ON_401)
     fetch.release.clear()
-    assert keeper.drop(KEY, token)
-    assert not keeper.drop(KEY, token)
+    assert keeper.drop(KEY, token)  # moments after its fetch: revoked, say
+    assert not keeper.drop(KEY, token)  # the rest of a burst of 401s
     assert keeper.cached(KEY) is None
     await settle()
     assert fetch.calls == 2  # the new token is on its way before anyone asks
@@ -678,10 +834,54 @@ async def test_an_upstream_that_refuses_every_token_does_not_eat_the_quota(
     await a_day_of_requests(refusing, clock, refused=True)
     # Drops soon after drops double the wait, from a minute to an hour: a handful a day.
     assert fetch.calls <= renewals + 12
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1
-    assert "check the audience" in errors[0].getMessage()
-    assert MAX_AGE_TO_DROP_ON_401 == 3600
+    assert REFUSAL_HOLD_OFF_CAP == 3600
+    refusing_fresh = [r for r in caplog.records if "refuses fresh tokens" in r.getMessage()]
+    assert len(refusing_fresh) == 1  # once, not once per refusal
+    assert refusing_fresh[0].levelno == logging.WARNING
+    assert "auth.audience and auth.tenant" in refusing_fresh[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_fresh_tokens_refused_soon_after_a_drop_are_held_back_ever_longer(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
+) -> None:
+    fetch.lifetime = 86400  # no renewal meanwhile: every new token is a replacement
+    keeper = make_keeper()
+    refused = await keeper.fetch(KEY)
+    assert keeper.drop(KEY, refused)  # a first refusal: replaced at once
+
+    waits = []
+    for _ in range(8):
+        await settle()
+        replacement = keeper.cached(KEY)
+        assert replacement is not None
+        waited = 0.0
+        while not keeper.drop(KEY, replacement):  # refused too: its 401s pass for now
+            assert keeper.cached(KEY) is replacement
+            await advance(clock, REFUSAL_HOLD_OFF)
+            waited += REFUSAL_HOLD_OFF
+        waits.append(waited)
+    assert waits == [60, 120, 240, 480, 960, 1920, 3600, 3600]
+    await settle()
+    assert fetch.calls == 1 + 1 + 8
+
+
+async def test_a_refusal_long_after_the_last_one_replaces_even_a_young_token(
+    make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fetch.lifetime = 300
+    keeper = make_keeper()
+    assert keeper.drop(KEY, await keeper.fetch(KEY))
+    await settle()
+    replacement = keeper.cached(KEY)
+    await advance(clock, 300 * 0.8)  # renewed in the background since
+    renewed = keeper.cached(KEY)
+    assert renewed is not None
+    assert renewed is not replacement
+    assert clock.now() - renewed.obtained_at < REFUSAL_HOLD_OFF
+
+    assert keeper.drop(KEY, renewed)  # not soon after the last refusal: one of its own
+    assert not [r for r in caplog.records if "refuses fresh tokens" in r.getMessage()]
 
 
 async def test_a_closed_keeper_fetches_nothing(make_keeper: MakeKeeper, fetch: Fetch) -> None:
