@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+import proxy.logs
 from proxy.config import LogSettings, load_settings
 from proxy.logs import AccessLog, AccessRecord, access_log, configure_logging
 from proxy.reload import ConfigSource, Reloader
@@ -338,7 +339,12 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-async def test_access_lines_of_one_loop_turn_leave_in_one_write() -> None:
+@pytest.mark.parametrize("serializer", ["orjson", "json"])
+async def test_access_lines_of_one_loop_turn_leave_in_one_write(
+    serializer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if serializer == "json":
+        monkeypatch.setattr(proxy.logs, "orjson", None)  # as without the speed extra
     stream = CountingStream()
     log = AccessLog()
     log.configure(LogSettings(format="json"), stream, worker=3)
@@ -351,6 +357,9 @@ async def test_access_lines_of_one_loop_turn_leave_in_one_write() -> None:
     lines = json_lines(stream)
     assert [line["path"] for line in lines] == ["/a", "/b", "/c"]
     assert {line["worker"] for line in lines} == {3}
+    for line in lines:
+        assert datetime.fromisoformat(line["time"]).utcoffset() == timedelta(0)
+        assert line["message"] == f"GET {line['path']} 200"
 
 
 async def test_access_and_operations_lines_share_their_shape(
