@@ -41,7 +41,11 @@ TOKEN_URLS = {
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
 
 # `$${` escapes a literal `${`; a `${` that is neither escaped nor well formed is an error.
-_VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+# A default holds no `${` of its own (escaped, it is a literal): variables do not nest, and
+# `${A:-${B}}` must not quietly become the text `${B}`.
+_VARIABLE = re.compile(
+    r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^$}]|\$\$\{|\$(?!\{))*))?\}|\$\{"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -691,12 +695,16 @@ def expand_variables(node: Any, environ: Mapping[str, str], *, file: str, key: s
         if match.group(0) == "$${":
             return "${"
         if name is None:
-            raise ConfigError(file, [(key, "malformed ${...}: expected ${VAR} or ${VAR:-default}")])
+            problem = (
+                "malformed ${...}: expected ${VAR} or ${VAR:-default}, and a default holds "
+                "no ${ (variables do not nest); write $${ for a literal ${"
+            )
+            raise ConfigError(file, [(key, problem)])
         value = environ.get(name, "")
         if value:
             return value
         if default is not None:
-            return default
+            return default.replace("$${", "${")
         if name in environ:
             return ""
         raise ConfigError(file, [(key, f"environment variable {name} is not set")])

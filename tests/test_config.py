@@ -252,6 +252,50 @@ def test_malformed_variable_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        "${CLIENT:-${FALLBACK}}",  # set: the default must not slip through either way
+        "${UNSET:-${FALLBACK}}",
+        "${UNSET:-${FALLBACK:-x}}",
+        "${UNSET:-a${FALLBACK}b}",
+        "${UNSET:-x",
+        "${CLIENT-x}",
+        "${CLIENT:x}",
+        "${}",
+        "${1X}",
+    ],
+)
+def test_a_nested_or_odd_variable_is_an_error_naming_the_key(tmp_path: Path, value: str) -> None:
+    text = MINIMAL.replace("client_id: my-client", f"client_id: '{value}'")
+    environ = {"SECRET_VAR": SECRET, "CLIENT": "from-env", "FALLBACK": "fallback"}
+    message = config_error(write(tmp_path, text), environ)
+    assert message.endswith(
+        "auth.client_id: malformed ${...}: expected ${VAR} or ${VAR:-default}, and a default "
+        "holds no ${ (variables do not nest); write $${ for a literal ${"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("$${UNSET}", "${UNSET}"),
+        ("$${UNSET:-x}", "${UNSET:-x}"),
+        ("${UNSET:-$${literal}}", "${literal}"),
+        ("${UNSET:-cost: 5$}", "cost: 5$"),
+        ("x${UNSET:-}y", "xy"),
+        ("a$b", "a$b"),
+    ],
+)
+def test_an_escaped_dollar_brace_stays_literal_in_defaults_too(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    text = MINIMAL.replace("tenant: company_xyz", f"tenant: '{value}'")
+    settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+    assert settings.auth is not None
+    assert settings.auth.tenant == expected
+
+
+@pytest.mark.parametrize(
     ("content", "expected"),
     [(None, "No such file or directory"), ("", "is empty"), ("\n", "is empty")],
 )
