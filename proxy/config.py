@@ -630,17 +630,99 @@ def _read_yaml(file: str) -> dict[str, Any]:
 
     try:
         document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except _Unexpandable as exc:
+        raise ConfigError(file, [(exc.key, exc.problem + exc.where)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(file, [(None, _describe_yaml_error(exc))]) from None
+    except RecursionError:
+        raise ConfigError(file, [(None, "the YAML is nested too deeply to read")]) from None
 
     if not isinstance(document, dict):
         raise ConfigError(file, [(None, "expected a mapping of keys at the top level")])
     return document
 
 
+# A config holds tens or hundreds of values. Aliases can make a few hundred bytes stand for
+# billions ("billion laughs"): PyYAML composes an alias as one more reference to its node,
+# but merge keys, `${VAR}` expansion and validation all walk each reference again.
+MAX_EXPANDED_VALUES = 100_000
+
+
+class _Unexpandable(yaml.YAMLError):
+    """A document whose aliases expand to too much, or to something without end."""
+
+    def __init__(self, key: str | None, mark: Any, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+        self.where = "" if mark is None else f" (at line {mark.line + 1}, column {mark.column + 1})"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping: YAML forbids it,
-    and PyYAML would silently keep the last value."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML forbids it,
+    and PyYAML would silently keep the last value), and a document that expands to more
+    than `MAX_EXPANDED_VALUES` values once its aliases are followed.
+
+    Values are counted as they are composed, before anything is built from them: each node
+    counts one, and each alias the size of the node it names.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._expanded = 0
+        self._sizes: dict[yaml.Node, int] = {}
+        """How many values each finished node stands for, its own aliases expanded."""
+        self._path: list[Any] = []
+        """The `index` of every node being composed: a key's node, a position, or None."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._path.append(index)
+        try:
+            return self._compose_counted(parent, index)
+        finally:
+            self._path.pop()
+
+    def _compose_counted(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # typeshed leaves peek_event unannotated; it returns the next Event.
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(node) if node is not None else 0
+            if size is None:  # its node is still being composed: the alias is inside it
+                raise _Unexpandable(
+                    self._key(),
+                    mark,
+                    "an alias names a collection it is part of, which never ends once expanded",
+                )
+            self._count(size, mark)
+            return node
+        before = self._expanded
+        self._count(1, mark)
+        node = super().compose_node(parent, index)
+        if node is not None:
+            self._sizes[node] = self._expanded - before
+        return node
+
+    def _count(self, values: int, mark: Any) -> None:
+        self._expanded += values
+        if self._expanded > MAX_EXPANDED_VALUES:
+            raise _Unexpandable(
+                self._key(),
+                mark,
+                f"the YAML aliases expand to more than {MAX_EXPANDED_VALUES} values, far "
+                "more than a config holds; write the values out, or nest fewer aliases",
+            )
+
+    def _key(self) -> str | None:
+        """The dotted key of the node being composed, as errors name keys."""
+        key = ""
+        for index in self._path:
+            if isinstance(index, int):
+                key = f"{key}[{index}]"
+            elif isinstance(index, yaml.ScalarNode):
+                key = _join(key, str(index.value))
+        return key or None
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:

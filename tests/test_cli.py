@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from proxy import __version__
@@ -19,6 +21,7 @@ from tests.conftest import Standins, StartStandins
 from tests.support import (
     SECRET,
     HeldRoute,
+    alias_bomb,
     collect_lines,
     proxy_command,
     running_proxy,
@@ -178,13 +181,30 @@ async def test_a_config_error_exits_2_with_one_line_naming_the_key(
     standins: Standins, config_for: Callable[..., Path], auth: dict[str, object], expected: str
 ) -> None:
     config = config_for(standins, **auth)
+    await exits_2_with_one_line(config, f"{config}: ", expected)
+
+
+async def test_an_alias_bomb_is_refused_with_exit_2_naming_the_key(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    config = config_for(standins)
+    document = json.loads(config.read_text())
+    config.write_text(yaml.safe_dump(document) + alias_bomb(7))
+    await exits_2_with_one_line(
+        config, f"{config}: lol.l5[0]: the YAML aliases expand to more than 100000 values"
+    )
+    assert not standins.tokens.requests
+
+
+async def exits_2_with_one_line(config: Path, *expected: str) -> None:
+    """`run` and `check` with `config` refuse it: exit 2, one line on stderr with `expected`."""
     for command in ("run", "check"):
         status, stdout, stderr = await run_command(command, "--config", str(config))
         assert status == 2
         assert stdout == ""
         assert len(stderr.strip().splitlines()) == 1, stderr
-        assert f"{config}: " in stderr
-        assert expected in stderr
+        for text in expected:
+            assert text in stderr
         assert SECRET not in stderr
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.config import TOKEN_URLS, ListenAddress, load_settings
 from proxy.errors import ConfigError
+from tests.support import alias_bomb
 
 SECRET = "s3cr3t-value-never-printed"
 
@@ -396,6 +397,36 @@ def test_yaml_merge_keys_work(tmp_path: Path) -> None:
     )
     settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
     assert settings.upstream.connect_timeout == 3
+
+
+def test_an_alias_bomb_is_refused_naming_the_key_and_the_line(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, MINIMAL + alias_bomb(7)))
+    assert message.endswith(
+        "lol.l5[0]: the YAML aliases expand to more than 100000 values, far more than a "
+        "config holds; write the values out, or nest fewer aliases (at line 15, column 12)"
+    )
+
+
+def test_an_alias_inside_the_collection_it_names_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace("audience: eu3.techwolf.ai", "audience: &loop [eu3, *loop]")
+    assert config_error(write(tmp_path, text)).endswith(
+        "auth.audience[1]: an alias names a collection it is part of, which never ends once "
+        "expanded (at line 7, column 25)"
+    )
+
+
+def test_yaml_nested_too_deeply_is_a_config_error(tmp_path: Path) -> None:
+    text = MINIMAL + "deep: " + "[" * 5000 + "]" * 5000 + "\n"
+    assert config_error(write(tmp_path, text)).endswith(": the YAML is nested too deeply to read")
+
+
+def test_aliases_that_stay_small_work(tmp_path: Path) -> None:
+    text = TENANTS.replace("upstream:\n", "upstream: &shared\n", 1).replace(
+        "upstream: {url: https://beta.example}", "upstream: *shared"
+    )
+    settings = load_settings(write(tmp_path, text), {})
+    tenants = settings.all_tenants()
+    assert tenants["acme"].upstream == tenants["beta"].upstream
 
 
 def test_a_token_url_query_is_not_echoed(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import load_settings
+from proxy.config import Settings, load_settings
 from proxy.reload import ConfigSource, Reloader
 from proxy.server import ProxyServer
 from proxy.standins import Answer
@@ -252,6 +253,52 @@ async def test_a_newer_reload_replaces_one_still_waiting_for_its_tokens(
     await eventually(lambda: "Reloaded the config" in caplog.text)
     assert "A newer reload replaces the one still waiting for tokens" in caplog.text
     assert [key.client_id for key in proxy.server.tokens.held_keys()] == ["standin-client"]
+
+
+class HeldLoad:
+    """A config loader that, once called, holds until the test lets it go (or 10 s pass)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.released_by_the_test = False
+        self.thread: int | None = None
+
+    def __call__(self, path: str) -> Settings:
+        self.thread = threading.get_ident()
+        self.started.set()
+        self.released_by_the_test = self.release.wait(timeout=10)
+        return load_settings(path)
+
+
+async def test_a_reload_reads_the_config_off_the_event_loop(
+    tmp_path: Path,
+    standins: Standins,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = write_config(
+        tmp_path / "config.yaml", settings_document(standins.token_url, standins.upstream_url)
+    )
+    settings = load_settings(config)
+    proxy = await start_proxy(settings)
+    load = HeldLoad()
+    reloader = Reloader(ConfigSource(str(config), settings), settings, proxy.reconfigure, load=load)
+    reloader.start()
+    try:
+        reloader.request("a test")
+        await eventually(load.started.is_set, "the reload began reading the config")
+        # The read is under way and holds: requests are served meanwhile.
+        async with aiohttp.ClientSession() as client:
+            await fingerprint_used(client, proxy)
+        load.release.set()
+        await eventually(lambda: "Reloaded the config" in caplog.text)
+    finally:
+        load.release.set()
+        await reloader.close()
+    assert load.released_by_the_test
+    assert load.thread != threading.get_ident()
 
 
 async def test_the_next_secret_is_tried_when_the_current_one_is_rejected(
