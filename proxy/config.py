@@ -48,6 +48,9 @@ _VARIABLE = re.compile(
 )
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 @dataclass(frozen=True, slots=True)
 class ListenAddress:
     """Where a listener binds: a TCP host and port, or a unix socket path."""
@@ -543,9 +546,10 @@ def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
     tenants = settings.all_tenants()
     if not settings.routes and len(tenants) > 1:
         problems.append(("routes", "field required when several tenants are configured"))
-    taken = {str(settings.listen)} | (
-        set() if settings.admin_listen is None else {str(settings.admin_listen)}
-    )
+    taken = {"listen": settings.listen}
+    if settings.admin_listen is not None:
+        problems += _listener_clash("admin_listen", settings.admin_listen, taken)
+        taken["admin_listen"] = settings.admin_listen
     for index, route in enumerate(settings.routes):
         key = f"routes[{index}]"
         if route.tenant is not None and route.tenant not in tenants:
@@ -553,13 +557,65 @@ def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
             problems.append((f"{key}.tenant", f"unknown tenant {route.tenant!r} (known: {known})"))
             continue
         if route.listen is not None:
-            if str(route.listen) in taken:
-                problems.append((f"{key}.listen", f"{route.listen} is already in use"))
-            taken.add(str(route.listen))
+            problems += _listener_clash(f"{key}.listen", route.listen, taken)
+            taken[f"{key}.listen"] = route.listen
         problem = _scopes_beyond_tenants(route, tenants)
         if problem is not None:
             problems.append((f"{key}.scopes", problem))
     return problems + _shared_tenant_names(tenants)
+
+
+def _listener_clash(
+    key: str, address: ListenAddress, taken: dict[str, ListenAddress]
+) -> list[tuple[str | None, str]]:
+    """`key`'s `address` as a problem if it cannot be bound beside one of `taken`: at start
+    it would fail with "address already in use", naming no key."""
+    for other_key, other in taken.items():
+        if _shares_a_socket(address, other):
+            where = "" if str(address) == str(other) else f" ({other})"
+            return [
+                (
+                    key,
+                    f"{address} is already taken by {other_key}{where}; give each listener "
+                    "an address of its own",
+                )
+            ]
+    return []
+
+
+def _shares_a_socket(first: ListenAddress, second: ListenAddress) -> bool:
+    """Whether binding both addresses would clash: the same socket path, or the same port
+    (but not 0, for which the OS picks a free one each time) on hosts that overlap."""
+    if first.is_unix or second.is_unix:
+        return first.path == second.path
+    if first.port != second.port or first.port == 0:
+        return False
+    return any(
+        _hosts_overlap(one, other)
+        for one in _bound_hosts(first.host)
+        for other in _bound_hosts(second.host)
+    )
+
+
+def _bound_hosts(host: str) -> list[IPAddress | str]:
+    """The addresses a listener on `host` binds: localhost is both loopback addresses, no
+    host at all every address, and another name stands for itself (it is resolved later)."""
+    if host.lower() == "localhost":
+        return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    if not host:
+        return [ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")]
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        return [host.lower()]
+
+
+def _hosts_overlap(one: IPAddress | str, other: IPAddress | str) -> bool:
+    if isinstance(one, str) or isinstance(other, str):
+        return one == other
+    # 0.0.0.0 takes every IPv4 address; asyncio binds :: for IPv6 alone (IPV6_V6ONLY).
+    wildcard = one.is_unspecified or other.is_unspecified
+    return one.version == other.version and (one == other or wildcard)
 
 
 def _scopes_beyond_tenants(route: RouteSettings, tenants: dict[str, Tenant]) -> str | None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -194,6 +195,19 @@ async def test_an_alias_bomb_is_refused_with_exit_2_naming_the_key(
         config, f"{config}: lol.l5[0]: the YAML aliases expand to more than 100000 values"
     )
     assert not standins.tokens.requests
+
+
+async def test_admin_listen_on_the_listen_address_exits_2_naming_the_key(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on, so that only the clash counts
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    config = config_for(standins)
+    document = json.loads(config.read_text())
+    document["listen"] = document["admin_listen"] = address
+    write_config(config, document)
+    await exits_2_with_one_line(config, f"{config}: admin_listen: {address} is already taken")
 
 
 async def exits_2_with_one_line(config: Path, *expected: str) -> None:

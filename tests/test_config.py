@@ -348,6 +348,48 @@ def test_listen_addresses(tmp_path: Path, value: str, expected: ListenAddress) -
     assert load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET}).listen == expected
 
 
+@pytest.mark.parametrize(
+    ("listen", "admin_listen", "expected"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1:8080", "127.0.0.1:8080 is already taken by listen;"),
+        (
+            "0.0.0.0:9090",
+            "127.0.0.1:9090",
+            "127.0.0.1:9090 is already taken by listen (0.0.0.0:9090);",
+        ),
+        ("localhost:9090", "[::1]:9090", "[::1]:9090 is already taken by listen (localhost:9090);"),
+        (
+            "unix:/run/proxy.sock",
+            "unix:/run/proxy.sock",
+            "unix:/run/proxy.sock is already taken by listen;",
+        ),
+    ],
+)
+def test_admin_listen_on_the_listen_address_is_an_error_naming_the_key(
+    tmp_path: Path, listen: str, admin_listen: str, expected: str
+) -> None:
+    text = f"listen: '{listen}'\nadmin_listen: '{admin_listen}'\n" + MINIMAL
+    message = config_error(write(tmp_path, text))
+    assert message.endswith(f"admin_listen: {expected} give each listener an address of its own")
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin_listen"),
+    [
+        ("127.0.0.1:0", "127.0.0.1:0"),  # the OS picks a free port for each
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("[::]:8080", "127.0.0.1:8080"),  # :: is bound for IPv6 alone
+        ("0.0.0.0:8080", "[::1]:8080"),
+        ("unix:/run/proxy.sock", "unix:/run/admin.sock"),
+    ],
+)
+def test_listeners_that_can_be_bound_side_by_side_are_accepted(
+    tmp_path: Path, listen: str, admin_listen: str
+) -> None:
+    text = f"listen: '{listen}'\nadmin_listen: '{admin_listen}'\n" + MINIMAL
+    assert load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+
+
 def test_admin_listen_null_disables_it(tmp_path: Path) -> None:
     settings = load_settings(
         write(tmp_path, "admin_listen: null\n" + MINIMAL), {"SECRET_VAR": SECRET}
@@ -485,7 +527,8 @@ def test_the_single_tenant_config_is_one_default_tenant(tmp_path: Path) -> None:
         (("prefix: /acme/", "prefix: acme"), "routes[1].prefix: must be a path"),
         (("prefix: /acme/", "prefix: /"), "routes[1].prefix: must not be / alone"),
         (("scopes: [read]}", "scopes: [read_reports]}"), "routes[1].scopes: must be among"),
-        (("127.0.0.1:8081", "127.0.0.1:8080"), "routes[0].listen: 127.0.0.1:8080 is already in"),
+        (("127.0.0.1:8081", "127.0.0.1:8080"), "routes[0].listen: 127.0.0.1:8080 is already taken"),
+        (("127.0.0.1:8081", "127.0.0.1:9090"), "routes[0].listen: 127.0.0.1:9090 is already taken"),
         (("upstream:\n  url: https://skill-engine.example\n", ""), "tenants.acme.upstream"),
         (("client_id: beta-id", "client_id: acme-id"), None),  # another region: another client
         (("{header: true}", "{header: true, scopes: [read]}"), None),  # every tenant allows it
