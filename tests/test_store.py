@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,18 +98,85 @@ async def test_token_files_are_for_this_user_alone(store_dir: Path) -> None:
     assert "client-secret" not in token_file.name
 
 
-async def test_a_directory_others_can_open_is_refused(store_dir: Path) -> None:
-    store_dir.mkdir(mode=0o755)
-    store_dir.chmod(0o755)
-    with pytest.raises(TokenStoreError, match="open to other users"):
-        FileStore(store_dir, Metrics(), SystemClock())
+def open_to_others(path: Path) -> str:
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    return "is open to other users (mode 0755); make it 0700"
 
 
-async def test_a_symlink_is_not_a_store_directory(tmp_path: Path) -> None:
-    (tmp_path / "elsewhere").mkdir(mode=0o700)
-    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(TokenStoreError, match="not a directory"):
-        FileStore(tmp_path / "link", Metrics(), SystemClock())
+def a_symlink(path: Path) -> str:
+    (path.parent / "elsewhere").mkdir(mode=0o700)
+    path.symlink_to(path.parent / "elsewhere")
+    return "is a symbolic link; name a directory, not a link to one"
+
+
+def a_dangling_symlink(path: Path) -> str:
+    path.symlink_to(path.parent / "nowhere")
+    return "is a symbolic link; name a directory, not a link to one"
+
+
+def a_regular_file(path: Path) -> str:
+    path.write_text("not a directory")
+    return "is not a directory; name a directory, or a path to create"
+
+
+def under_a_regular_file(path: Path) -> str:
+    path.parent.rename(path.parent.with_name("moved"))
+    path.parent.write_text("in the way")
+    return "cannot be created: Not a directory"
+
+
+def another_users(path: Path) -> str:
+    if os.getuid() != 0:
+        pytest.skip("only root can give a directory to another user")
+    path.mkdir(mode=0o700)
+    os.chown(path, 4321, -1)
+    return f"belongs to another user (uid 4321); name a directory of this user (uid {os.getuid()})"
+
+
+UNUSABLE_DIRECTORIES = [
+    open_to_others,
+    a_symlink,
+    a_dangling_symlink,
+    a_regular_file,
+    under_a_regular_file,
+    another_users,
+]
+
+
+@pytest.mark.parametrize("arrange", UNUSABLE_DIRECTORIES)
+async def test_an_unusable_directory_is_refused_naming_the_key_and_the_path(
+    tmp_path: Path, arrange: Callable[[Path], str]
+) -> None:
+    directory = tmp_path / "parent" / "tokens"
+    directory.parent.mkdir()
+    problem = arrange(directory)
+    with pytest.raises(TokenStoreError) as refused:
+        FileStore(directory, Metrics(), SystemClock())
+    assert str(refused.value) == (
+        f"token_store.path: the token store directory {directory} {problem}."
+    )
+
+
+@pytest.mark.parametrize("arrange", [open_to_others, a_symlink, a_regular_file])
+async def test_run_with_an_unusable_directory_exits_1_naming_the_key_and_the_path(
+    tmp_path: Path, standins: Standins, arrange: Callable[[Path], str]
+) -> None:
+    directory = tmp_path / "parent" / "tokens"
+    directory.parent.mkdir()
+    problem = arrange(directory)
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["token_store"] = {"backend": "file", "path": str(directory)}
+    config = write_config(tmp_path / "config.yaml", document)
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("run", "--config", str(config)),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 1
+    message = f"token_store.path: the token store directory {directory} {problem}."
+    assert stderr.decode().strip().endswith(f"skill-engine-proxy: {message}")
 
 
 async def test_a_damaged_token_file_is_replaced(store_dir: Path) -> None:
