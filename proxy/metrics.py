@@ -11,7 +11,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
 
-from proxy.tokens import TokenKey
+from proxy.tokens import Token, TokenKey
 
 PREFIX = "skill_engine_proxy"
 # prometheus-client's switch to multiprocess mode; `--workers` sets it for its workers.
@@ -160,10 +160,19 @@ class Metrics:
 
 
 class TokenMetrics:
-    """The token keeper's events (`tokens.TokenEvents`), counted."""
+    """The token keeper's events (`tokens.TokenEvents`), counted, and the expiry gauge.
+
+    The gauge shows the expiry of the token the keeper holds for each tenant and scope set,
+    however the keeper came by it: fetched by this process, or read from a shared store
+    that another process filled.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+
+    def took(self, key: TokenKey, token: Token) -> None:
+        gauge = self._metrics.token_expiry.labels(key.tenant, key.scopes_label)
+        gauge.set(token.expires_at_wall)
 
     def stale_use(self, key: TokenKey) -> None:
         self._metrics.token_stale_uses.labels(key.tenant).inc()

@@ -95,6 +95,10 @@ class SystemClock:
 class TokenEvents(Protocol):
     """What the keeper reports, for metrics."""
 
+    def took(self, key: TokenKey, token: Token) -> None:
+        """`token` is the key's token from now on, fetched or read from a shared store."""
+        ...
+
     def stale_use(self, key: TokenKey) -> None: ...
 
     def refreshed(self, key: TokenKey, succeeded: bool) -> None: ...
@@ -103,6 +107,9 @@ class TokenEvents(Protocol):
 
 
 class NoEvents:
+    def took(self, key: TokenKey, token: Token) -> None:
+        pass
+
     def stale_use(self, key: TokenKey) -> None:
         pass
 
@@ -691,6 +698,7 @@ class TokenKeeper:
         state.retry_at = -math.inf
         state.expiry_reported = False
         state.arrived.set()
+        self._events.took(key, token)
         logger.info(
             "Token %s for tenant %s (scopes: %s), valid for %.0f s, fingerprint %s",
             how,

@@ -11,7 +11,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,16 @@ import pytest
 
 from proxy.config import Settings
 from proxy.metrics import Metrics
+from proxy.server import ProxyServer
 from proxy.store import FileStore, TokenStoreError, key_digest
 from proxy.tokens import SystemClock, Token, TokenKey, parse_token_response
 from tests.conftest import Standins, StartProxy
 from tests.support import (
+    TENANT,
     FakeClock,
     eventually,
     proxy_command,
+    sample,
     settings_document,
     subprocess_env,
     write_config,
@@ -196,6 +199,79 @@ async def test_concurrent_obtains_fetch_once(store_dir: Path) -> None:
     results = await asyncio.gather(*(store.obtain(KEY, everything, fetches) for store in stores))
     assert fetches.count == 1
     assert len({result.fingerprint for result in results}) == 1
+
+
+# Proxies in this process sharing a file store.
+
+EXPIRY = "skill_engine_proxy_token_expiry_timestamp_seconds"
+
+
+async def expiry_gauge(proxy: ProxyServer) -> float:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{proxy.admin_url}/metrics") as response,
+    ):
+        return sample(await response.text(), EXPIRY, tenant=TENANT, scopes="")
+
+
+async def test_the_expiry_gauge_follows_tokens_taken_from_the_store(
+    tmp_path: Path, standins: Standins, start_proxy: StartProxy
+) -> None:
+    # Renewed however long nobody sends a request: the clocks leap hours ahead.
+    document = settings_document(standins.token_url, standins.upstream_url, idle_after=86400)
+    document["token_store"] = {"backend": "file", "path": str(tmp_path / "tokens")}
+    settings = Settings.model_validate(document)
+    clocks = FakeClock(), FakeClock()
+    first = await start_proxy(settings, clock=clocks[0])
+    await eventually(lambda: len(standins.tokens.issued) == 1, "the first proxy's token")
+    second = await start_proxy(settings, clock=clocks[1])
+    await eventually(lambda: second.tokens.problem(key_of(second)) is None, "the stored token")
+
+    # The second proxy read the first one's token, and exports its expiry all the same.
+    expiry = await expiry_gauge(first)
+    assert expiry > time.time()
+    assert await expiry_gauge(second) == expiry
+    assert len(standins.tokens.requests) == 1
+
+    # The first proxy renews (with a longer life, so that the expiry surely moves)...
+    standins.tokens.lifetime = 7200
+    clocks[0].advance(3000)
+    await eventually(lambda: len(standins.tokens.issued) == 2, "the renewal")
+    await eventually_reads(lambda: expiry_gauge(first), lambda value: value > expiry)
+    renewed = await expiry_gauge(first)
+    assert await expiry_gauge(second) == expiry
+
+    # ...and the second, due to renew in turn, takes the renewed token from the store.
+    clocks[1].advance(3000)
+    await eventually_reads(lambda: expiry_gauge(second), lambda value: value == renewed)
+    assert len(standins.tokens.requests) == 2
+
+    # The other way round: the first proxy, which fetched before, follows a renewal of the
+    # second one's too.
+    standins.tokens.lifetime = 10800
+    clocks[1].advance(6000)
+    await eventually(lambda: len(standins.tokens.issued) == 3, "the second renewal")
+    await eventually_reads(lambda: expiry_gauge(second), lambda value: value > renewed)
+    clocks[0].advance(6000)
+    latest = await expiry_gauge(second)
+    await eventually_reads(lambda: expiry_gauge(first), lambda value: value == latest)
+    assert len(standins.tokens.requests) == 3
+
+
+def key_of(proxy: ProxyServer) -> TokenKey:
+    (key,) = proxy.tokens.held_keys()
+    return key
+
+
+async def eventually_reads(
+    read: Callable[[], Awaitable[float]], holds: Callable[[float], bool]
+) -> None:
+    """Until what `read` gives satisfies `holds`."""
+    for _ in range(1000):
+        if holds(await read()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened; the last value was {await read()}")
 
 
 # Processes of the proxy sharing tokens.
