@@ -99,6 +99,10 @@ class TokenEvents(Protocol):
         """`token` is the key's token from now on, fetched or read from a shared store."""
         ...
 
+    def forgot(self, key: TokenKey) -> None:
+        """The key and its token are dropped: no route leads to it any more."""
+        ...
+
     def stale_use(self, key: TokenKey) -> None: ...
 
     def refreshed(self, key: TokenKey, succeeded: bool) -> None: ...
@@ -108,6 +112,9 @@ class TokenEvents(Protocol):
 
 class NoEvents:
     def took(self, key: TokenKey, token: Token) -> None:
+        pass
+
+    def forgot(self, key: TokenKey) -> None:
         pass
 
     def stale_use(self, key: TokenKey) -> None:
@@ -485,6 +492,7 @@ class TokenKeeper:
         for task in (state.worker, state.in_flight):
             if task is not None:
                 task.cancel()
+        self._events.forgot(key)
 
     def prefetch(self, key: TokenKey) -> None:
         """Fetch the token for `key` now, without waiting for it, and `keep` it."""

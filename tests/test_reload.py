@@ -21,6 +21,7 @@ from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy
 from tests.support import (
     SECRET,
+    TENANT,
     eventually,
     running_proxy,
     sample,
@@ -236,6 +237,41 @@ async def test_new_credentials_take_over_once_their_token_is_in_hand(
         await eventually(lambda: "Reloaded the config" in caplog.text)
         assert await fingerprint_used(client, proxy.server) != old
         assert [key.client_id for key in proxy.server.tokens.held_keys()] == ["new-client"]
+
+
+EXPIRY = "skill_engine_proxy_token_expiry_timestamp_seconds"
+
+
+@pytest.mark.parametrize(
+    "change", [{"client_id": "new-client"}, {"audience": "new.techwolf.ai"}, {"token_url": None}]
+)
+async def test_the_expiry_gauge_shows_the_new_token_after_new_credentials(
+    standins: Standins,
+    start_reloading: StartReloading,
+    caplog: pytest.LogCaptureFixture,
+    change: dict[str, Any],
+) -> None:
+    caplog.set_level(logging.INFO)
+    proxy = await start_reloading(standins)
+    async with aiohttp.ClientSession() as client:
+        await fingerprint_used(client, proxy.server)
+        before = sample(await metrics_of(client, proxy.server), EXPIRY, tenant=TENANT, scopes="")
+        assert before > 0
+
+        standins.tokens.lifetime = 7200  # the new token's expiry differs from the old one's
+        standins.tokens.client_id = change.get("client_id", standins.tokens.client_id)
+        standins.tokens.audience = change.get("audience", standins.tokens.audience)
+        if "token_url" in change:  # the same endpoint under another URL: another client
+            change["token_url"] = standins.token_url.replace("127.0.0.1", "localhost")
+        proxy.auth(**change)
+        await eventually(lambda: "Reloaded the config" in caplog.text)
+
+        (key,) = proxy.server.tokens.held_keys()
+        token = proxy.server.tokens.cached(key)
+        assert token is not None
+        after = sample(await metrics_of(client, proxy.server), EXPIRY, tenant=TENANT, scopes="")
+    assert after == token.expires_at_wall
+    assert after > before
 
 
 async def test_a_newer_reload_replaces_one_still_waiting_for_its_tokens(
