@@ -8,7 +8,6 @@ path is ever shadowed by one of the proxy's own.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
@@ -283,8 +282,6 @@ class Wiring:
         for key in self.tokens.held_keys():
             if client_of(key) not in clients:
                 self.tokens.forget(key)
-                with contextlib.suppress(KeyError):
-                    self._metrics.token_expiry.remove(key.tenant, key.scopes_label)
         for client in set(self.endpoints) - clients:
             del self.endpoints[client]
             del self._policies[client]

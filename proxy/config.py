@@ -41,7 +41,14 @@ TOKEN_URLS = {
 _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5B\x5D-\x7E]+")
 
 # `$${` escapes a literal `${`; a `${` that is neither escaped nor well formed is an error.
-_VARIABLE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
+# A default holds no `${` of its own (escaped, it is a literal): variables do not nest, and
+# `${A:-${B}}` must not quietly become the text `${B}`.
+_VARIABLE = re.compile(
+    r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^$}]|\$\$\{|\$(?!\{))*))?\}|\$\{"
+)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,9 +546,10 @@ def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
     tenants = settings.all_tenants()
     if not settings.routes and len(tenants) > 1:
         problems.append(("routes", "field required when several tenants are configured"))
-    taken = {str(settings.listen)} | (
-        set() if settings.admin_listen is None else {str(settings.admin_listen)}
-    )
+    taken = {"listen": settings.listen}
+    if settings.admin_listen is not None:
+        problems += _listener_clash("admin_listen", settings.admin_listen, taken)
+        taken["admin_listen"] = settings.admin_listen
     for index, route in enumerate(settings.routes):
         key = f"routes[{index}]"
         if route.tenant is not None and route.tenant not in tenants:
@@ -549,13 +557,65 @@ def _cross_check(settings: Settings) -> list[tuple[str | None, str]]:
             problems.append((f"{key}.tenant", f"unknown tenant {route.tenant!r} (known: {known})"))
             continue
         if route.listen is not None:
-            if str(route.listen) in taken:
-                problems.append((f"{key}.listen", f"{route.listen} is already in use"))
-            taken.add(str(route.listen))
+            problems += _listener_clash(f"{key}.listen", route.listen, taken)
+            taken[f"{key}.listen"] = route.listen
         problem = _scopes_beyond_tenants(route, tenants)
         if problem is not None:
             problems.append((f"{key}.scopes", problem))
     return problems + _shared_tenant_names(tenants)
+
+
+def _listener_clash(
+    key: str, address: ListenAddress, taken: dict[str, ListenAddress]
+) -> list[tuple[str | None, str]]:
+    """`key`'s `address` as a problem if it cannot be bound beside one of `taken`: at start
+    it would fail with "address already in use", naming no key."""
+    for other_key, other in taken.items():
+        if _shares_a_socket(address, other):
+            where = "" if str(address) == str(other) else f" ({other})"
+            return [
+                (
+                    key,
+                    f"{address} is already taken by {other_key}{where}; give each listener "
+                    "an address of its own",
+                )
+            ]
+    return []
+
+
+def _shares_a_socket(first: ListenAddress, second: ListenAddress) -> bool:
+    """Whether binding both addresses would clash: the same socket path, or the same port
+    (but not 0, for which the OS picks a free one each time) on hosts that overlap."""
+    if first.is_unix or second.is_unix:
+        return first.path == second.path
+    if first.port != second.port or first.port == 0:
+        return False
+    return any(
+        _hosts_overlap(one, other)
+        for one in _bound_hosts(first.host)
+        for other in _bound_hosts(second.host)
+    )
+
+
+def _bound_hosts(host: str) -> list[IPAddress | str]:
+    """The addresses a listener on `host` binds: localhost is both loopback addresses, no
+    host at all every address, and another name stands for itself (it is resolved later)."""
+    if host.lower() == "localhost":
+        return [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    if not host:
+        return [ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::")]
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        return [host.lower()]
+
+
+def _hosts_overlap(one: IPAddress | str, other: IPAddress | str) -> bool:
+    if isinstance(one, str) or isinstance(other, str):
+        return one == other
+    # 0.0.0.0 takes every IPv4 address; asyncio binds :: for IPv6 alone (IPV6_V6ONLY).
+    wildcard = one.is_unspecified or other.is_unspecified
+    return one.version == other.version and (one == other or wildcard)
 
 
 def _scopes_beyond_tenants(route: RouteSettings, tenants: dict[str, Tenant]) -> str | None:
@@ -626,17 +686,99 @@ def _read_yaml(file: str) -> dict[str, Any]:
 
     try:
         document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except _Unexpandable as exc:
+        raise ConfigError(file, [(exc.key, exc.problem + exc.where)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(file, [(None, _describe_yaml_error(exc))]) from None
+    except RecursionError:
+        raise ConfigError(file, [(None, "the YAML is nested too deeply to read")]) from None
 
     if not isinstance(document, dict):
         raise ConfigError(file, [(None, "expected a mapping of keys at the top level")])
     return document
 
 
+# A config holds tens or hundreds of values. Aliases can make a few hundred bytes stand for
+# billions ("billion laughs"): PyYAML composes an alias as one more reference to its node,
+# but merge keys, `${VAR}` expansion and validation all walk each reference again.
+MAX_EXPANDED_VALUES = 100_000
+
+
+class _Unexpandable(yaml.YAMLError):
+    """A document whose aliases expand to too much, or to something without end."""
+
+    def __init__(self, key: str | None, mark: Any, problem: str) -> None:
+        super().__init__(problem)
+        self.key = key
+        self.problem = problem
+        self.where = "" if mark is None else f" (at line {mark.line + 1}, column {mark.column + 1})"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping: YAML forbids it,
-    and PyYAML would silently keep the last value."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping (YAML forbids it,
+    and PyYAML would silently keep the last value), and a document that expands to more
+    than `MAX_EXPANDED_VALUES` values once its aliases are followed.
+
+    Values are counted as they are composed, before anything is built from them: each node
+    counts one, and each alias the size of the node it names.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._expanded = 0
+        self._sizes: dict[yaml.Node, int] = {}
+        """How many values each finished node stands for, its own aliases expanded."""
+        self._path: list[Any] = []
+        """The `index` of every node being composed: a key's node, a position, or None."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._path.append(index)
+        try:
+            return self._compose_counted(parent, index)
+        finally:
+            self._path.pop()
+
+    def _compose_counted(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        # typeshed leaves peek_event unannotated; it returns the next Event.
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        mark = event.start_mark
+        if self.check_event(yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(node) if node is not None else 0
+            if size is None:  # its node is still being composed: the alias is inside it
+                raise _Unexpandable(
+                    self._key(),
+                    mark,
+                    "an alias names a collection it is part of, which never ends once expanded",
+                )
+            self._count(size, mark)
+            return node
+        before = self._expanded
+        self._count(1, mark)
+        node = super().compose_node(parent, index)
+        if node is not None:
+            self._sizes[node] = self._expanded - before
+        return node
+
+    def _count(self, values: int, mark: Any) -> None:
+        self._expanded += values
+        if self._expanded > MAX_EXPANDED_VALUES:
+            raise _Unexpandable(
+                self._key(),
+                mark,
+                f"the YAML aliases expand to more than {MAX_EXPANDED_VALUES} values, far "
+                "more than a config holds; write the values out, or nest fewer aliases",
+            )
+
+    def _key(self) -> str | None:
+        """The dotted key of the node being composed, as errors name keys."""
+        key = ""
+        for index in self._path:
+            if isinstance(index, int):
+                key = f"{key}[{index}]"
+            elif isinstance(index, yaml.ScalarNode):
+                key = _join(key, str(index.value))
+        return key or None
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
@@ -691,12 +833,16 @@ def expand_variables(node: Any, environ: Mapping[str, str], *, file: str, key: s
         if match.group(0) == "$${":
             return "${"
         if name is None:
-            raise ConfigError(file, [(key, "malformed ${...}: expected ${VAR} or ${VAR:-default}")])
+            problem = (
+                "malformed ${...}: expected ${VAR} or ${VAR:-default}, and a default holds "
+                "no ${ (variables do not nest); write $${ for a literal ${"
+            )
+            raise ConfigError(file, [(key, problem)])
         value = environ.get(name, "")
         if value:
             return value
         if default is not None:
-            return default
+            return default.replace("$${", "${")
         if name in environ:
             return ""
         raise ConfigError(file, [(key, f"environment variable {name} is not set")])

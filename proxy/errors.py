@@ -18,6 +18,9 @@
     UnrelayableHeader                not a ProxyError (in proxy.forwarder): a header value
                                      aiohttp would alter; the forwarder turns it into
                                      BadRequest or UpstreamUnreachable
+    _Unexpandable                    not a ProxyError (in proxy.config): YAML whose aliases
+                                     expand past a bound; the config loader turns it into
+                                     ConfigError
 
 Foreign exceptions (aiohttp's, the OS's) are translated into these once, where they happen;
 the proxy app's middleware turns each into one answer with `error_response`.

@@ -11,7 +11,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
 
-from proxy.tokens import TokenKey
+from proxy.tokens import Token, TokenKey
 
 PREFIX = "skill_engine_proxy"
 # prometheus-client's switch to multiprocess mode; `--workers` sets it for its workers.
@@ -160,10 +160,37 @@ class Metrics:
 
 
 class TokenMetrics:
-    """The token keeper's events (`tokens.TokenEvents`), counted."""
+    """The token keeper's events (`tokens.TokenEvents`), counted, and the expiry gauge.
+
+    The gauge shows the expiry of the token the keeper holds for each tenant and scope set,
+    however the keeper came by it: fetched by this process, or read from a shared store
+    that another process filled. Its labels are not the whole key: after a reload to
+    another client_id, audience or token URL, the old key and the new one share a series
+    until the old one is forgotten, and the series then shows the token still held.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # Per label set, the expiry of each key's token, the most recently taken last.
+        self._expiries: dict[tuple[str, str], dict[TokenKey, float]] = {}
+
+    def took(self, key: TokenKey, token: Token) -> None:
+        labels = (key.tenant, key.scopes_label)
+        held = self._expiries.setdefault(labels, {})
+        held.pop(key, None)
+        held[key] = token.expires_at_wall
+        self._metrics.token_expiry.labels(*labels).set(token.expires_at_wall)
+
+    def forgot(self, key: TokenKey) -> None:
+        labels = (key.tenant, key.scopes_label)
+        held = self._expiries.get(labels, {})
+        if held.pop(key, None) is None:
+            return
+        if held:
+            self._metrics.token_expiry.labels(*labels).set(next(reversed(held.values())))
+            return
+        del self._expiries[labels]
+        self._metrics.token_expiry.remove(*labels)
 
     def stale_use(self, key: TokenKey) -> None:
         self._metrics.token_stale_uses.labels(key.tenant).inc()

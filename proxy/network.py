@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import ssl
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -77,6 +78,10 @@ class Outbound:
         self.upstream_tls = tls_context(settings, for_upstream=True)
         # Read once: the proxy's environment does not change while it runs.
         self._environment = urllib.request.getproxies_environment() if settings.trust_env else {}
+        self._variables = {
+            scheme: _variable_holding(f"{scheme}_proxy", value)
+            for scheme, value in self._environment.items()
+        }
         self._configured = (
             None
             if settings.proxy is None
@@ -111,14 +116,14 @@ class Outbound:
         if self._environment and _bypass_environment(
             f"{url.raw_host}:{url.port}", self._environment
         ):
-            return ProxyChoice(None, reason="NO_PROXY")
+            return ProxyChoice(None, reason=self._variables["no"])
         if self._configured is not None:
             return self._configured
 
-        variable = f"{url.scheme.upper()}_PROXY"
         value = self._environment.get(url.scheme)
         if not value:
             return DIRECT
+        variable = self._variables[url.scheme]
         if "://" not in value:
             value = f"http://{value}"  # a bare host:port, as curl reads it
         try:
@@ -143,6 +148,19 @@ class Outbound:
                 "verified, so whoever sits on the path can read and change the traffic, "
                 "bearer tokens included. The token endpoint is still verified."
             )
+
+
+def _variable_holding(name: str, value: str) -> str:
+    """Which spelling of the variable `name` (lower case) `value` was read from, to name it
+    in logs and errors: urllib takes the lower-case one over the others when it is set."""
+    spellings = [
+        variable
+        for variable, held in os.environ.items()
+        if variable.lower() == name and held == value
+    ]
+    if name in spellings or not spellings:
+        return name
+    return spellings[0]
 
 
 def tls_context(settings: NetworkSettings, *, for_upstream: bool) -> ssl.SSLContext:

@@ -35,6 +35,7 @@ RESTART_ONLY = ("listen", "admin_listen", "token_store", "unix_socket_mode", "ne
 
 Apply = Callable[[Settings], Awaitable[None]]
 Outcome = Callable[[bool], None]
+Load = Callable[[str], Settings]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ class Reloader:
         *,
         outcome: Outcome = lambda _succeeded: None,
         interval: float = WATCH_INTERVAL,
+        load: Load = load_settings,
     ) -> None:
+        """`load` reads a config file (`load_settings`); it runs in a thread of its own."""
         self._path = source.path
         self._loaded = source.loaded
         # The config the listeners, token store and connection pools were made from: what
@@ -84,6 +87,7 @@ class Reloader:
         self._apply = apply
         self._outcome = outcome
         self._interval = interval
+        self._load = load
         # Route listeners as configured -> as bound (a worker's port 0 became a real one).
         self._listeners = {
             configured.listen: bound.listen
@@ -150,7 +154,9 @@ class Reloader:
         # The files as they are now: a refused config is not retried until it changes.
         self._signatures = self._observe()
         try:
-            settings = load_settings(self._path)
+            # Off the event loop: reading and validating a large config (or one an alias
+            # bound just lets through) must not hold up the requests being served.
+            settings = await asyncio.to_thread(self._load, self._path)
         except ConfigError as exc:
             logger.error("Reload refused, the running config keeps serving: %s", exc)
             self._outcome(False)

@@ -193,7 +193,8 @@ class StandinSkillEngine:
     """A Skill Engine that accepts only tokens `tokens` issued and unexpired.
 
     Routes: `GET /version`; `/echo...` (any method) describes the request it got;
-    `GET /bytes/{n}` streams n bytes; `/sink` reads a whole body and reports its size and hash.
+    `GET /bytes/{n}` streams n bytes (HEAD: the same headers, no body); `/sink` reads a whole
+    body and reports its size and hash.
     """
 
     def __init__(self, tokens: StandinTokenEndpoint) -> None:
@@ -250,6 +251,11 @@ class StandinSkillEngine:
         if "length" in request.query:
             response.content_length = size
         await response.prepare(request)
+        if request.method == "HEAD":
+            # aiohttp serves HEAD on GET routes; RFC 9110 9.3.2: the headers a GET would
+            # get, and no body, or the next answer on the connection starts with its bytes.
+            await response.write_eof()
+            return response
         block = b"x" * _CHUNK
         while size > 0:
             await response.write(block[:size])

@@ -184,26 +184,42 @@ class FileStore:
 
 def _prepare_directory(directory: Path) -> None:
     """Create the store's directory for this user alone, or check that it is so: tokens are
-    in clear in it, and a directory others may write to could hand this proxy their token."""
+    in clear in it, and a directory others may write to could hand this proxy their token.
+
+    A symbolic link is refused too, even to a good directory: in a shared directory such as
+    /tmp it may be another user's, and they can point it elsewhere at any time.
+    """
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # something other than a directory is in the way: lstat below says what
+    except OSError as exc:
+        raise _unusable(directory, f"cannot be created: {exc.strerror}") from exc
+    try:
         status = os.lstat(directory)
     except OSError as exc:
-        raise TokenStoreError(
-            f"Cannot use {directory} for the token store: {exc.strerror}."
-        ) from exc
+        raise _unusable(directory, f"cannot be read: {exc.strerror}") from exc
+
+    if stat.S_ISLNK(status.st_mode):
+        raise _unusable(directory, "is a symbolic link; name a directory, not a link to one")
     if not stat.S_ISDIR(status.st_mode):
-        raise TokenStoreError(f"The token store path {directory} is not a directory.")
+        raise _unusable(directory, "is not a directory; name a directory, or a path to create")
     if status.st_uid != os.getuid():
-        raise TokenStoreError(
-            f"The token store directory {directory} belongs to another user; use a "
-            "directory of this user (token_store.path)."
+        raise _unusable(
+            directory,
+            f"belongs to another user (uid {status.st_uid}); name a directory of this user "
+            f"(uid {os.getuid()})",
         )
     if status.st_mode & 0o077:
-        raise TokenStoreError(
-            f"The token store directory {directory} is open to other users "
-            f"(mode {stat.S_IMODE(status.st_mode):o}); make it 0700."
+        raise _unusable(
+            directory,
+            f"is open to other users (mode {stat.S_IMODE(status.st_mode):04o}); make it 0700",
         )
+
+
+def _unusable(directory: Path, problem: str) -> TokenStoreError:
+    """The error for a store directory the proxy will not use, naming the key that set it."""
+    return TokenStoreError(f"token_store.path: the token store directory {directory} {problem}.")
 
 
 def open_store(

@@ -178,7 +178,6 @@ class TokenEndpoint:
             self._metrics.token_fetch_duration.labels(tenant).observe(time.perf_counter() - started)
 
         self._metrics.token_fetches.labels(tenant, "success").inc()
-        self._metrics.token_expiry.labels(tenant, key.scopes_label).set(token.expires_at_wall)
         return token
 
     async def _request(self, key: TokenKey, secret: SecretStr) -> Token:

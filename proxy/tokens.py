@@ -95,6 +95,14 @@ class SystemClock:
 class TokenEvents(Protocol):
     """What the keeper reports, for metrics."""
 
+    def took(self, key: TokenKey, token: Token) -> None:
+        """`token` is the key's token from now on, fetched or read from a shared store."""
+        ...
+
+    def forgot(self, key: TokenKey) -> None:
+        """The key and its token are dropped: no route leads to it any more."""
+        ...
+
     def stale_use(self, key: TokenKey) -> None: ...
 
     def refreshed(self, key: TokenKey, succeeded: bool) -> None: ...
@@ -103,6 +111,12 @@ class TokenEvents(Protocol):
 
 
 class NoEvents:
+    def took(self, key: TokenKey, token: Token) -> None:
+        pass
+
+    def forgot(self, key: TokenKey) -> None:
+        pass
+
     def stale_use(self, key: TokenKey) -> None:
         pass
 
@@ -478,6 +492,7 @@ class TokenKeeper:
         for task in (state.worker, state.in_flight):
             if task is not None:
                 task.cancel()
+        self._events.forgot(key)
 
     def prefetch(self, key: TokenKey) -> None:
         """Fetch the token for `key` now, without waiting for it, and `keep` it."""
@@ -691,6 +706,7 @@ class TokenKeeper:
         state.retry_at = -math.inf
         state.expiry_reported = False
         state.arrived.set()
+        self._events.took(key, token)
         logger.info(
             "Token %s for tenant %s (scopes: %s), valid for %.0f s, fingerprint %s",
             how,

@@ -159,6 +159,15 @@ class HeldRoute:
         return routes
 
 
+def alias_bomb(levels: int) -> str:
+    """A few hundred bytes of YAML, a key `lol`, that stand for 9**levels values once its
+    aliases are followed."""
+    lines = ["lol:", "  l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, levels + 1):
+        lines.append(f"  l{level}: &l{level} [" + ", ".join([f"*l{level - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
 def write_config(path: Path, document: dict[str, Any]) -> Path:
     path.write_text(json.dumps(document))  # JSON is YAML
     return path

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from proxy import __version__
@@ -19,6 +22,7 @@ from tests.conftest import Standins, StartStandins
 from tests.support import (
     SECRET,
     HeldRoute,
+    alias_bomb,
     collect_lines,
     proxy_command,
     running_proxy,
@@ -178,13 +182,43 @@ async def test_a_config_error_exits_2_with_one_line_naming_the_key(
     standins: Standins, config_for: Callable[..., Path], auth: dict[str, object], expected: str
 ) -> None:
     config = config_for(standins, **auth)
+    await exits_2_with_one_line(config, f"{config}: ", expected)
+
+
+async def test_an_alias_bomb_is_refused_with_exit_2_naming_the_key(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    config = config_for(standins)
+    document = json.loads(config.read_text())
+    config.write_text(yaml.safe_dump(document) + alias_bomb(7))
+    await exits_2_with_one_line(
+        config, f"{config}: lol.l5[0]: the YAML aliases expand to more than 100000 values"
+    )
+    assert not standins.tokens.requests
+
+
+async def test_admin_listen_on_the_listen_address_exits_2_naming_the_key(
+    standins: Standins, config_for: Callable[..., Path]
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on, so that only the clash counts
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    config = config_for(standins)
+    document = json.loads(config.read_text())
+    document["listen"] = document["admin_listen"] = address
+    write_config(config, document)
+    await exits_2_with_one_line(config, f"{config}: admin_listen: {address} is already taken")
+
+
+async def exits_2_with_one_line(config: Path, *expected: str) -> None:
+    """`run` and `check` with `config` refuse it: exit 2, one line on stderr with `expected`."""
     for command in ("run", "check"):
         status, stdout, stderr = await run_command(command, "--config", str(config))
         assert status == 2
         assert stdout == ""
         assert len(stderr.strip().splitlines()) == 1, stderr
-        assert f"{config}: " in stderr
-        assert expected in stderr
+        for text in expected:
+            assert text in stderr
         assert SECRET not in stderr
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.config import TOKEN_URLS, ListenAddress, load_settings
 from proxy.errors import ConfigError
+from tests.support import alias_bomb
 
 SECRET = "s3cr3t-value-never-printed"
 
@@ -252,6 +253,50 @@ def test_malformed_variable_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "value",
+    [
+        "${CLIENT:-${FALLBACK}}",  # set: the default must not slip through either way
+        "${UNSET:-${FALLBACK}}",
+        "${UNSET:-${FALLBACK:-x}}",
+        "${UNSET:-a${FALLBACK}b}",
+        "${UNSET:-x",
+        "${CLIENT-x}",
+        "${CLIENT:x}",
+        "${}",
+        "${1X}",
+    ],
+)
+def test_a_nested_or_odd_variable_is_an_error_naming_the_key(tmp_path: Path, value: str) -> None:
+    text = MINIMAL.replace("client_id: my-client", f"client_id: '{value}'")
+    environ = {"SECRET_VAR": SECRET, "CLIENT": "from-env", "FALLBACK": "fallback"}
+    message = config_error(write(tmp_path, text), environ)
+    assert message.endswith(
+        "auth.client_id: malformed ${...}: expected ${VAR} or ${VAR:-default}, and a default "
+        "holds no ${ (variables do not nest); write $${ for a literal ${"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("$${UNSET}", "${UNSET}"),
+        ("$${UNSET:-x}", "${UNSET:-x}"),
+        ("${UNSET:-$${literal}}", "${literal}"),
+        ("${UNSET:-cost: 5$}", "cost: 5$"),
+        ("x${UNSET:-}y", "xy"),
+        ("a$b", "a$b"),
+    ],
+)
+def test_an_escaped_dollar_brace_stays_literal_in_defaults_too(
+    tmp_path: Path, value: str, expected: str
+) -> None:
+    text = MINIMAL.replace("tenant: company_xyz", f"tenant: '{value}'")
+    settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+    assert settings.auth is not None
+    assert settings.auth.tenant == expected
+
+
+@pytest.mark.parametrize(
     ("content", "expected"),
     [(None, "No such file or directory"), ("", "is empty"), ("\n", "is empty")],
 )
@@ -303,6 +348,48 @@ def test_listen_addresses(tmp_path: Path, value: str, expected: ListenAddress) -
     assert load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET}).listen == expected
 
 
+@pytest.mark.parametrize(
+    ("listen", "admin_listen", "expected"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1:8080", "127.0.0.1:8080 is already taken by listen;"),
+        (
+            "0.0.0.0:9090",
+            "127.0.0.1:9090",
+            "127.0.0.1:9090 is already taken by listen (0.0.0.0:9090);",
+        ),
+        ("localhost:9090", "[::1]:9090", "[::1]:9090 is already taken by listen (localhost:9090);"),
+        (
+            "unix:/run/proxy.sock",
+            "unix:/run/proxy.sock",
+            "unix:/run/proxy.sock is already taken by listen;",
+        ),
+    ],
+)
+def test_admin_listen_on_the_listen_address_is_an_error_naming_the_key(
+    tmp_path: Path, listen: str, admin_listen: str, expected: str
+) -> None:
+    text = f"listen: '{listen}'\nadmin_listen: '{admin_listen}'\n" + MINIMAL
+    message = config_error(write(tmp_path, text))
+    assert message.endswith(f"admin_listen: {expected} give each listener an address of its own")
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin_listen"),
+    [
+        ("127.0.0.1:0", "127.0.0.1:0"),  # the OS picks a free port for each
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("[::]:8080", "127.0.0.1:8080"),  # :: is bound for IPv6 alone
+        ("0.0.0.0:8080", "[::1]:8080"),
+        ("unix:/run/proxy.sock", "unix:/run/admin.sock"),
+    ],
+)
+def test_listeners_that_can_be_bound_side_by_side_are_accepted(
+    tmp_path: Path, listen: str, admin_listen: str
+) -> None:
+    text = f"listen: '{listen}'\nadmin_listen: '{admin_listen}'\n" + MINIMAL
+    assert load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
+
+
 def test_admin_listen_null_disables_it(tmp_path: Path) -> None:
     settings = load_settings(
         write(tmp_path, "admin_listen: null\n" + MINIMAL), {"SECRET_VAR": SECRET}
@@ -352,6 +439,36 @@ def test_yaml_merge_keys_work(tmp_path: Path) -> None:
     )
     settings = load_settings(write(tmp_path, text), {"SECRET_VAR": SECRET})
     assert settings.upstream.connect_timeout == 3
+
+
+def test_an_alias_bomb_is_refused_naming_the_key_and_the_line(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, MINIMAL + alias_bomb(7)))
+    assert message.endswith(
+        "lol.l5[0]: the YAML aliases expand to more than 100000 values, far more than a "
+        "config holds; write the values out, or nest fewer aliases (at line 15, column 12)"
+    )
+
+
+def test_an_alias_inside_the_collection_it_names_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace("audience: eu3.techwolf.ai", "audience: &loop [eu3, *loop]")
+    assert config_error(write(tmp_path, text)).endswith(
+        "auth.audience[1]: an alias names a collection it is part of, which never ends once "
+        "expanded (at line 7, column 25)"
+    )
+
+
+def test_yaml_nested_too_deeply_is_a_config_error(tmp_path: Path) -> None:
+    text = MINIMAL + "deep: " + "[" * 5000 + "]" * 5000 + "\n"
+    assert config_error(write(tmp_path, text)).endswith(": the YAML is nested too deeply to read")
+
+
+def test_aliases_that_stay_small_work(tmp_path: Path) -> None:
+    text = TENANTS.replace("upstream:\n", "upstream: &shared\n", 1).replace(
+        "upstream: {url: https://beta.example}", "upstream: *shared"
+    )
+    settings = load_settings(write(tmp_path, text), {})
+    tenants = settings.all_tenants()
+    assert tenants["acme"].upstream == tenants["beta"].upstream
 
 
 def test_a_token_url_query_is_not_echoed(tmp_path: Path) -> None:
@@ -410,7 +527,8 @@ def test_the_single_tenant_config_is_one_default_tenant(tmp_path: Path) -> None:
         (("prefix: /acme/", "prefix: acme"), "routes[1].prefix: must be a path"),
         (("prefix: /acme/", "prefix: /"), "routes[1].prefix: must not be / alone"),
         (("scopes: [read]}", "scopes: [read_reports]}"), "routes[1].scopes: must be among"),
-        (("127.0.0.1:8081", "127.0.0.1:8080"), "routes[0].listen: 127.0.0.1:8080 is already in"),
+        (("127.0.0.1:8081", "127.0.0.1:8080"), "routes[0].listen: 127.0.0.1:8080 is already taken"),
+        (("127.0.0.1:8081", "127.0.0.1:9090"), "routes[0].listen: 127.0.0.1:9090 is already taken"),
         (("upstream:\n  url: https://skill-engine.example\n", ""), "tenants.acme.upstream"),
         (("client_id: beta-id", "client_id: acme-id"), None),  # another region: another client
         (("{header: true}", "{header: true, scopes: [read]}"), None),  # every tenant allows it

@@ -62,6 +62,20 @@ async def test_head_keeps_the_length_and_sends_no_body(
     assert head.body == b""
 
 
+@pytest.mark.parametrize("target", ["/bytes/1000", "/bytes/1000?length=1"])
+async def test_head_of_a_streamed_answer_leaves_the_upstream_connection_usable(
+    proxy: ProxyServer, client: aiohttp.ClientSession, target: str
+) -> None:
+    # The demo's case: a body after a HEAD answer would be read as the start of the next
+    # answer on the pooled upstream connection, and that request would get a 502.
+    for _ in range(3):
+        async with client.head(f"{proxy.proxy_url}{target}") as response:
+            assert response.status == 200
+            assert await response.read() == b""
+        async with client.get(f"{proxy.proxy_url}/version") as response:
+            assert response.status == 200, await response.text()
+
+
 @pytest.mark.parametrize(
     "target",
     [

@@ -417,7 +417,7 @@ async def test_https_proxy_in_the_environment_carries_the_traffic(
 
     assert (status, error) == (200, None), body
     assert connect_proxy.hosts == {AUTH_HOST, UPSTREAM_HOST}
-    assert f"through the proxy {connect_proxy.url} (HTTPS_PROXY)" in caplog.text
+    assert f"through the proxy {connect_proxy.url} ({variable})" in caplog.text
 
 
 async def test_no_proxy_sends_its_hosts_around_the_proxy(
@@ -620,8 +620,39 @@ def test_a_bare_host_and_port_in_the_environment_is_an_http_proxy(
     monkeypatch.setenv("https_proxy", "proxy.corp:3128")
     monkeypatch.setenv("HTTPS_PROXY", "http://ignored.corp:1")  # lower case wins, as in curl
     assert choice("https://api.example.com") == (
-        "through the proxy http://proxy.corp:3128 (HTTPS_PROXY)"
+        "through the proxy http://proxy.corp:3128 (https_proxy)"
     )
+
+
+@pytest.mark.parametrize(
+    ("environment", "url", "expected"),
+    [
+        ({"https_proxy": "http://p:1"}, "https://api.example.com", "(https_proxy)"),
+        ({"HTTPS_PROXY": "http://p:1"}, "https://api.example.com", "(HTTPS_PROXY)"),
+        (
+            {"https_proxy": "http://p:1", "HTTPS_PROXY": "http://q:1"},
+            "https://a.example",
+            "http://p:1 (https_proxy)",
+        ),
+        ({"http_proxy": "http://p:1"}, "http://api.example.com", "(http_proxy)"),
+        (
+            {"HTTPS_PROXY": "http://p:1", "no_proxy": "example.com"},
+            "https://a.example.com",
+            "(no_proxy)",
+        ),
+        (
+            {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "example.com"},
+            "https://a.example.com",
+            "(NO_PROXY)",
+        ),
+    ],
+)
+def test_the_log_names_the_variable_as_it_is_spelled(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], url: str, expected: str
+) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert choice(url).endswith(expected)
 
 
 def test_proxy_credentials_become_a_header_and_leave_the_url() -> None:
@@ -636,16 +667,17 @@ def test_proxy_credentials_become_a_header_and_leave_the_url() -> None:
     assert "p%3Ass" not in repr(outbound.settings)
 
 
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "https_proxy"])
 def test_an_unusable_proxy_variable_is_a_config_error_naming_it(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, variable: str
 ) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", f"socks5://corp-user:{PROXY_PASSWORD}@proxy.corp:1080")
+    monkeypatch.setenv(variable, f"socks5://corp-user:{PROXY_PASSWORD}@proxy.corp:1080")
     document = settings_document(f"https://{AUTH_HOST}/oauth/token", f"https://{UPSTREAM_HOST}")
     with pytest.raises(ConfigError) as caught:
         Outbound.for_settings(Settings.model_validate(document))
 
     message = str(caught.value)
-    assert message.startswith("the environment: HTTPS_PROXY: must be an http:// or https://")
+    assert message.startswith(f"the environment: {variable}: must be an http:// or https://")
     assert "network.trust_env: false" in message
     assert PROXY_PASSWORD not in message
 

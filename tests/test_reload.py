@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import load_settings
+from proxy.config import Settings, load_settings
 from proxy.reload import ConfigSource, Reloader
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy
 from tests.support import (
     SECRET,
+    TENANT,
     eventually,
     running_proxy,
     sample,
@@ -237,6 +239,41 @@ async def test_new_credentials_take_over_once_their_token_is_in_hand(
         assert [key.client_id for key in proxy.server.tokens.held_keys()] == ["new-client"]
 
 
+EXPIRY = "skill_engine_proxy_token_expiry_timestamp_seconds"
+
+
+@pytest.mark.parametrize(
+    "change", [{"client_id": "new-client"}, {"audience": "new.techwolf.ai"}, {"token_url": None}]
+)
+async def test_the_expiry_gauge_shows_the_new_token_after_new_credentials(
+    standins: Standins,
+    start_reloading: StartReloading,
+    caplog: pytest.LogCaptureFixture,
+    change: dict[str, Any],
+) -> None:
+    caplog.set_level(logging.INFO)
+    proxy = await start_reloading(standins)
+    async with aiohttp.ClientSession() as client:
+        await fingerprint_used(client, proxy.server)
+        before = sample(await metrics_of(client, proxy.server), EXPIRY, tenant=TENANT, scopes="")
+        assert before > 0
+
+        standins.tokens.lifetime = 7200  # the new token's expiry differs from the old one's
+        standins.tokens.client_id = change.get("client_id", standins.tokens.client_id)
+        standins.tokens.audience = change.get("audience", standins.tokens.audience)
+        if "token_url" in change:  # the same endpoint under another URL: another client
+            change["token_url"] = standins.token_url.replace("127.0.0.1", "localhost")
+        proxy.auth(**change)
+        await eventually(lambda: "Reloaded the config" in caplog.text)
+
+        (key,) = proxy.server.tokens.held_keys()
+        token = proxy.server.tokens.cached(key)
+        assert token is not None
+        after = sample(await metrics_of(client, proxy.server), EXPIRY, tenant=TENANT, scopes="")
+    assert after == token.expires_at_wall
+    assert after > before
+
+
 async def test_a_newer_reload_replaces_one_still_waiting_for_its_tokens(
     standins: Standins, start_reloading: StartReloading, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -252,6 +289,52 @@ async def test_a_newer_reload_replaces_one_still_waiting_for_its_tokens(
     await eventually(lambda: "Reloaded the config" in caplog.text)
     assert "A newer reload replaces the one still waiting for tokens" in caplog.text
     assert [key.client_id for key in proxy.server.tokens.held_keys()] == ["standin-client"]
+
+
+class HeldLoad:
+    """A config loader that, once called, holds until the test lets it go (or 10 s pass)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.released_by_the_test = False
+        self.thread: int | None = None
+
+    def __call__(self, path: str) -> Settings:
+        self.thread = threading.get_ident()
+        self.started.set()
+        self.released_by_the_test = self.release.wait(timeout=10)
+        return load_settings(path)
+
+
+async def test_a_reload_reads_the_config_off_the_event_loop(
+    tmp_path: Path,
+    standins: Standins,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = write_config(
+        tmp_path / "config.yaml", settings_document(standins.token_url, standins.upstream_url)
+    )
+    settings = load_settings(config)
+    proxy = await start_proxy(settings)
+    load = HeldLoad()
+    reloader = Reloader(ConfigSource(str(config), settings), settings, proxy.reconfigure, load=load)
+    reloader.start()
+    try:
+        reloader.request("a test")
+        await eventually(load.started.is_set, "the reload began reading the config")
+        # The read is under way and holds: requests are served meanwhile.
+        async with aiohttp.ClientSession() as client:
+            await fingerprint_used(client, proxy)
+        load.release.set()
+        await eventually(lambda: "Reloaded the config" in caplog.text)
+    finally:
+        load.release.set()
+        await reloader.close()
+    assert load.released_by_the_test
+    assert load.thread != threading.get_ident()
 
 
 async def test_the_next_secret_is_tried_when_the_current_one_is_rejected(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,16 @@ import pytest
 
 from proxy.config import Settings
 from proxy.metrics import Metrics
+from proxy.server import ProxyServer
 from proxy.store import FileStore, TokenStoreError, key_digest
 from proxy.tokens import SystemClock, Token, TokenKey, parse_token_response
 from tests.conftest import Standins, StartProxy
 from tests.support import (
+    TENANT,
     FakeClock,
     eventually,
     proxy_command,
+    sample,
     settings_document,
     subprocess_env,
     write_config,
@@ -97,18 +101,85 @@ async def test_token_files_are_for_this_user_alone(store_dir: Path) -> None:
     assert "client-secret" not in token_file.name
 
 
-async def test_a_directory_others_can_open_is_refused(store_dir: Path) -> None:
-    store_dir.mkdir(mode=0o755)
-    store_dir.chmod(0o755)
-    with pytest.raises(TokenStoreError, match="open to other users"):
-        FileStore(store_dir, Metrics(), SystemClock())
+def open_to_others(path: Path) -> str:
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    return "is open to other users (mode 0755); make it 0700"
 
 
-async def test_a_symlink_is_not_a_store_directory(tmp_path: Path) -> None:
-    (tmp_path / "elsewhere").mkdir(mode=0o700)
-    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(TokenStoreError, match="not a directory"):
-        FileStore(tmp_path / "link", Metrics(), SystemClock())
+def a_symlink(path: Path) -> str:
+    (path.parent / "elsewhere").mkdir(mode=0o700)
+    path.symlink_to(path.parent / "elsewhere")
+    return "is a symbolic link; name a directory, not a link to one"
+
+
+def a_dangling_symlink(path: Path) -> str:
+    path.symlink_to(path.parent / "nowhere")
+    return "is a symbolic link; name a directory, not a link to one"
+
+
+def a_regular_file(path: Path) -> str:
+    path.write_text("not a directory")
+    return "is not a directory; name a directory, or a path to create"
+
+
+def under_a_regular_file(path: Path) -> str:
+    path.parent.rename(path.parent.with_name("moved"))
+    path.parent.write_text("in the way")
+    return "cannot be created: Not a directory"
+
+
+def another_users(path: Path) -> str:
+    if os.getuid() != 0:
+        pytest.skip("only root can give a directory to another user")
+    path.mkdir(mode=0o700)
+    os.chown(path, 4321, -1)
+    return f"belongs to another user (uid 4321); name a directory of this user (uid {os.getuid()})"
+
+
+UNUSABLE_DIRECTORIES = [
+    open_to_others,
+    a_symlink,
+    a_dangling_symlink,
+    a_regular_file,
+    under_a_regular_file,
+    another_users,
+]
+
+
+@pytest.mark.parametrize("arrange", UNUSABLE_DIRECTORIES)
+async def test_an_unusable_directory_is_refused_naming_the_key_and_the_path(
+    tmp_path: Path, arrange: Callable[[Path], str]
+) -> None:
+    directory = tmp_path / "parent" / "tokens"
+    directory.parent.mkdir()
+    problem = arrange(directory)
+    with pytest.raises(TokenStoreError) as refused:
+        FileStore(directory, Metrics(), SystemClock())
+    assert str(refused.value) == (
+        f"token_store.path: the token store directory {directory} {problem}."
+    )
+
+
+@pytest.mark.parametrize("arrange", [open_to_others, a_symlink, a_regular_file])
+async def test_run_with_an_unusable_directory_exits_1_naming_the_key_and_the_path(
+    tmp_path: Path, standins: Standins, arrange: Callable[[Path], str]
+) -> None:
+    directory = tmp_path / "parent" / "tokens"
+    directory.parent.mkdir()
+    problem = arrange(directory)
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["token_store"] = {"backend": "file", "path": str(directory)}
+    config = write_config(tmp_path / "config.yaml", document)
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command("run", "--config", str(config)),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 1
+    message = f"token_store.path: the token store directory {directory} {problem}."
+    assert stderr.decode().strip().endswith(f"skill-engine-proxy: {message}")
 
 
 async def test_a_damaged_token_file_is_replaced(store_dir: Path) -> None:
@@ -128,6 +199,79 @@ async def test_concurrent_obtains_fetch_once(store_dir: Path) -> None:
     results = await asyncio.gather(*(store.obtain(KEY, everything, fetches) for store in stores))
     assert fetches.count == 1
     assert len({result.fingerprint for result in results}) == 1
+
+
+# Proxies in this process sharing a file store.
+
+EXPIRY = "skill_engine_proxy_token_expiry_timestamp_seconds"
+
+
+async def expiry_gauge(proxy: ProxyServer) -> float:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"{proxy.admin_url}/metrics") as response,
+    ):
+        return sample(await response.text(), EXPIRY, tenant=TENANT, scopes="")
+
+
+async def test_the_expiry_gauge_follows_tokens_taken_from_the_store(
+    tmp_path: Path, standins: Standins, start_proxy: StartProxy
+) -> None:
+    # Renewed however long nobody sends a request: the clocks leap hours ahead.
+    document = settings_document(standins.token_url, standins.upstream_url, idle_after=86400)
+    document["token_store"] = {"backend": "file", "path": str(tmp_path / "tokens")}
+    settings = Settings.model_validate(document)
+    clocks = FakeClock(), FakeClock()
+    first = await start_proxy(settings, clock=clocks[0])
+    await eventually(lambda: len(standins.tokens.issued) == 1, "the first proxy's token")
+    second = await start_proxy(settings, clock=clocks[1])
+    await eventually(lambda: second.tokens.problem(key_of(second)) is None, "the stored token")
+
+    # The second proxy read the first one's token, and exports its expiry all the same.
+    expiry = await expiry_gauge(first)
+    assert expiry > time.time()
+    assert await expiry_gauge(second) == expiry
+    assert len(standins.tokens.requests) == 1
+
+    # The first proxy renews (with a longer life, so that the expiry surely moves)...
+    standins.tokens.lifetime = 7200
+    clocks[0].advance(3000)
+    await eventually(lambda: len(standins.tokens.issued) == 2, "the renewal")
+    await eventually_reads(lambda: expiry_gauge(first), lambda value: value > expiry)
+    renewed = await expiry_gauge(first)
+    assert await expiry_gauge(second) == expiry
+
+    # ...and the second, due to renew in turn, takes the renewed token from the store.
+    clocks[1].advance(3000)
+    await eventually_reads(lambda: expiry_gauge(second), lambda value: value == renewed)
+    assert len(standins.tokens.requests) == 2
+
+    # The other way round: the first proxy, which fetched before, follows a renewal of the
+    # second one's too.
+    standins.tokens.lifetime = 10800
+    clocks[1].advance(6000)
+    await eventually(lambda: len(standins.tokens.issued) == 3, "the second renewal")
+    await eventually_reads(lambda: expiry_gauge(second), lambda value: value > renewed)
+    clocks[0].advance(6000)
+    latest = await expiry_gauge(second)
+    await eventually_reads(lambda: expiry_gauge(first), lambda value: value == latest)
+    assert len(standins.tokens.requests) == 3
+
+
+def key_of(proxy: ProxyServer) -> TokenKey:
+    (key,) = proxy.tokens.held_keys()
+    return key
+
+
+async def eventually_reads(
+    read: Callable[[], Awaitable[float]], holds: Callable[[float], bool]
+) -> None:
+    """Until what `read` gives satisfies `holds`."""
+    for _ in range(1000):
+        if holds(await read()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened; the last value was {await read()}")
 
 
 # Processes of the proxy sharing tokens.

@@ -89,9 +89,17 @@ class Fetch:
 
 class Events:
     def __init__(self) -> None:
+        self.taken: list[str] = []
+        self.forgotten: list[TokenKey] = []
         self.stale = 0
         self.refreshes: list[bool] = []
         self.retries: list[str] = []
+
+    def took(self, key: TokenKey, token: Token) -> None:
+        self.taken.append(token.fingerprint)
+
+    def forgot(self, key: TokenKey) -> None:
+        self.forgotten.append(key)
 
     def stale_use(self, key: TokenKey) -> None:
         self.stale += 1
@@ -262,6 +270,22 @@ async def test_requests_never_wait_while_a_refresh_runs(
     assert second is not first
     assert events.refreshes == [True]
     assert events.stale == 0
+
+
+async def test_every_token_taken_and_every_key_forgotten_is_reported(
+    make_keeper: MakeKeeper, clock: FakeClock, events: Events
+) -> None:
+    keeper = make_keeper(refresh_at=0.8)
+    first = await keeper.fetch(KEY)
+    await advance(clock, 3600 * 0.8)
+    second = keeper.cached(KEY)
+    assert second is not None
+    assert second is not first
+    assert events.taken == [first.fingerprint, second.fingerprint]
+
+    keeper.forget(KEY)
+    keeper.forget(KEY)  # gone already: nothing more to report
+    assert events.forgotten == [KEY]
 
 
 async def test_past_its_margin_a_token_serves_only_until_its_renewal_arrives(
