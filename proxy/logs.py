@@ -19,6 +19,7 @@ and no request header value is logged but the request id.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import secrets
@@ -44,15 +45,10 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # What of a client's request id the log shows: ids are short, and a line must stay one.
 _LOGGED_REQUEST_ID = 200
 
-# The fields of an access line after its message, in the order the text format shows them.
-ACCESS_FIELDS = (
-    "duration_ms",
-    "upstream_ms",
-    "bytes_in",
-    "bytes_out",
-    "tenant",
-    "request_id",
-)
+# Access lines leave in writes of at most this many bytes (a line longer than that alone):
+# POSIX makes a pipe write up to PIPE_BUF (4096 on Linux) atomic, so the lines of workers
+# sharing one stderr pipe never tear.
+_WRITE_LIMIT = 4096
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(worker_tag)s: %(message)s"
 
 
@@ -75,6 +71,12 @@ class AccessRecord:
     @classmethod
     def begin(cls, client_request_id: str | None) -> AccessRecord:
         if client_request_id:
+            if not client_request_id.isascii():
+                # Bytes that are not UTF-8 arrive as lone surrogates (aiohttp decodes them
+                # so), which no JSON encoder or header writer takes: show them escaped.
+                client_request_id = client_request_id.encode("utf-8", "surrogateescape").decode(
+                    "utf-8", "backslashreplace"
+                )
             return cls(client_request_id, False, time.perf_counter())
         # 128 random bits as 32 hex digits, as nginx's $request_id: a fifth of uuid4's cost.
         return cls(secrets.token_hex(16), True, time.perf_counter())
@@ -91,8 +93,9 @@ class AccessLog:
     """The access lines, switched on or off and formatted as `configure_logging` says.
 
     Lines wait in memory until the end of the event-loop turn that wrote them, then go out
-    in one write: under load, one system call carries many lines. A line is never held
-    longer than that turn, and `flush` writes what waits at once.
+    together: under load, one system call carries many lines. A line is never held longer
+    than that turn; `flush` writes what waits at once, and runs at exit. Like a logging
+    handler, the access log never fails a request: a line it cannot write is dropped.
     """
 
     def __init__(self) -> None:
@@ -101,8 +104,10 @@ class AccessLog:
         self._text = False
         self._worker: int | None = None
         self._pending: list[str] = []
+        self._flush_scheduled = False
         self._second = -1
         self._second_shown = ""
+        atexit.register(self.flush)
 
     def configure(self, settings: LogSettings, stream: TextIO, worker: int | None) -> None:
         self.flush()
@@ -130,18 +135,36 @@ class AccessLog:
         else:
             line = self._json_line(now, message, method, path, status, fields)
         self._pending.append(line)
-        if len(self._pending) == 1:
+        if not self._flush_scheduled:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:
                 self.flush()
+                return
+            self._flush_scheduled = True
 
     def flush(self) -> None:
+        self._flush_scheduled = False
         if not self._pending:
             return
         lines, self._pending = self._pending, []
-        self._stream.write("".join(lines))
-        self._stream.flush()
+        batch: list[str] = []
+        size = 0
+        for line in lines:
+            length = len(line) if line.isascii() else len(line.encode())
+            if batch and size + length > _WRITE_LIMIT:
+                self._write("".join(batch))
+                batch, size = [], 0
+            batch.append(line)
+            size += length
+        self._write("".join(batch))
+
+    def _write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed or gone: nobody is left to tell
 
     def _json_line(
         self,

@@ -23,7 +23,7 @@ from proxy.reload import ConfigSource, Reloader
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import SECRET, TENANT, eventually, settings_document, write_config
+from tests.support import SECRET, TENANT, eventually, raw_exchange, settings_document, write_config
 
 Capture = Callable[..., io.StringIO]
 NEXT_SECRET = "standin-next-secret"
@@ -339,12 +339,17 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-@pytest.mark.parametrize("serializer", ["orjson", "json"])
-async def test_access_lines_of_one_loop_turn_leave_in_one_write(
-    serializer: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if serializer == "json":
+@pytest.fixture(params=["orjson", "json"])
+def serializer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each JSON serializer of the access log: orjson (the speed extra), or the json module."""
+    if request.param == "orjson":
+        pytest.importorskip("orjson")
+    else:
         monkeypatch.setattr(proxy.logs, "orjson", None)  # as without the speed extra
+    return str(request.param)
+
+
+async def test_access_lines_of_one_loop_turn_leave_in_one_write(serializer: str) -> None:
     stream = CountingStream()
     log = AccessLog()
     log.configure(LogSettings(format="json"), stream, worker=3)
@@ -377,3 +382,56 @@ async def test_access_and_operations_lines_share_their_shape(
         assert {"time", "level", "logger", "message"} <= set(line)
         assert datetime.fromisoformat(line["time"]).utcoffset() == timedelta(0)
     assert access["level"] == "INFO"
+
+
+async def test_a_turn_of_many_lines_leaves_in_writes_a_pipe_keeps_whole() -> None:
+    stream = CountingStream()
+    log = AccessLog()
+    log.configure(LogSettings(format="json"), stream, worker=None)
+    record = AccessRecord.begin("id")
+    for number in range(100):
+        log.write(record, method="GET", path=f"/{number}", status=200, tenant=TENANT)
+    written: list[str] = []
+    stream.write = lambda text: written.append(text) or len(text)  # type: ignore[method-assign]
+    await asyncio.sleep(0)
+
+    assert len(written) > 1
+    assert all(len(text.encode()) <= 4096 for text in written)
+    assert [json.loads(line)["path"] for line in "".join(written).splitlines()] == [
+        f"/{number}" for number in range(100)
+    ]
+
+
+async def test_an_access_line_that_cannot_be_written_fails_no_request() -> None:
+    stream = io.StringIO()
+    log = AccessLog()
+    log.configure(LogSettings(format="json"), stream, worker=None)
+    stream.close()
+    log.write(AccessRecord.begin("id"), method="GET", path="/", status=200, tenant=TENANT)
+    await asyncio.sleep(0)
+    log.flush()  # nothing raised
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_a_request_id_that_is_not_utf8_is_logged_escaped_and_answered(
+    log_format: str,
+    serializer: str,
+    capture_logs: Capture,
+    proxy: ProxyServer,
+) -> None:
+    output = capture_logs(format=log_format)
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"GET /version HTTP/1.1\r\nHost: x\r\nX-Request-ID: a\xff\r\nConnection: close\r\n\r\n",
+    )
+    # The header cannot be forwarded unchanged: the proxy's own 400, never a 500.
+    assert response.status == 400
+    assert response.header_values("X-Skill-Engine-Proxy-Error") == ["bad_request"]
+    assert response.header_values("X-Request-ID") == ["a\\xff"]
+    await asyncio.sleep(0)
+    if log_format == "json":
+        (line,) = access_lines(output)
+        assert line["request_id"] == "a\\xff"
+        assert line["status"] == 400
+    else:
+        assert "request_id=a\\xff\n" in output.getvalue()
