@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -97,11 +97,7 @@ class ForwardedResponse(web.StreamResponse):
 
     def __init__(self, upstream: aiohttp.ClientResponse) -> None:
         """Raises `UnrelayableHeader` when an upstream header cannot be passed on intact."""
-        super().__init__(
-            status=upstream.status,
-            reason=_reason(upstream),
-            headers=forwardable_headers(upstream.raw_headers, _ANSWER_FIELDS_NOT_RELAYED),
-        )
+        super().__init__(**_status_and_headers(upstream))
         self.added_by_server = _added_by_server(upstream)
 
 
@@ -111,13 +107,16 @@ class WholeForwardedResponse(web.Response):
 
     def __init__(self, upstream: aiohttp.ClientResponse, body: bytes) -> None:
         """Raises `UnrelayableHeader` when an upstream header cannot be passed on intact."""
-        super().__init__(
-            body=body,
-            status=upstream.status,
-            reason=_reason(upstream),
-            headers=forwardable_headers(upstream.raw_headers, _ANSWER_FIELDS_NOT_RELAYED),
-        )
+        super().__init__(body=body, **_status_and_headers(upstream))
         self.added_by_server = _added_by_server(upstream)
+
+
+def _status_and_headers(upstream: aiohttp.ClientResponse) -> dict[str, Any]:
+    return {
+        "status": upstream.status,
+        "reason": _reason(upstream),
+        "headers": forwardable_headers(upstream.raw_headers, _ANSWER_FIELDS_NOT_RELAYED),
+    }
 
 
 def _added_by_server(upstream: aiohttp.ClientResponse) -> tuple[str, ...]:
@@ -141,6 +140,9 @@ async def strip_server_defaults(_request: web.Request, response: web.StreamRespo
     if isinstance(response, ForwardedResponse | WholeForwardedResponse):
         for name in response.added_by_server:
             response.headers.popall(name, None)
+
+
+Relayed = TypeVar("Relayed", ForwardedResponse, WholeForwardedResponse)
 
 
 class UnrelayableHeader(Exception):
@@ -578,7 +580,7 @@ class Forwarder:
         if is_small(request, answer):
             return await self._relay_whole(exchange, answer)
 
-        response = self._relayed(exchange, answer)
+        response = self._relayed(exchange, lambda: ForwardedResponse(answer))
         sent = 0
         try:
             await response.prepare(request)
@@ -611,22 +613,24 @@ class Forwarder:
         self, exchange: _Exchange, answer: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         """Read a small answer whole; aiohttp sends it once the middleware has counted it.
-        Nothing has reached the client yet, so an upstream that breaks off gets a 502."""
+        Nothing has reached the client yet, so an upstream that breaks off gets a 502.
+
+        The access line is written before aiohttp sends the answer: it counts the bytes
+        handed over, and its duration leaves out that last write.
+        """
         try:
             body = await answer.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._failure(exchange, exc) from exc
-        response = self._relayed(exchange, answer, body)
+        response = self._relayed(exchange, lambda: WholeForwardedResponse(answer, body))
         exchange.record.bytes_out = len(body)
         return response
 
-    def _relayed(
-        self, exchange: _Exchange, answer: aiohttp.ClientResponse, body: bytes | None = None
-    ) -> ForwardedResponse | WholeForwardedResponse:
+    def _relayed(self, exchange: _Exchange, make: Callable[[], Relayed]) -> Relayed:
+        """The response `make` builds from the upstream's answer, with the request id the
+        proxy made up; a 502 when an upstream header cannot be passed on intact."""
         try:
-            response = (
-                ForwardedResponse(answer) if body is None else WholeForwardedResponse(answer, body)
-            )
+            response = make()
         except UnrelayableHeader as exc:
             raise self._unrelayable(
                 exchange, f"a {exc.name} header holding bytes that are not UTF-8"
@@ -639,8 +643,9 @@ class Forwarder:
 def is_small(request: web.Request, answer: aiohttp.ClientResponse) -> bool:
     """Whether `answer` has a body of known length up to `WHOLE_ANSWER_LIMIT`.
 
-    HEAD, 204 and 304 answers have a Content-Length but no body (RFC 9110 8.6), and a
-    Transfer-Encoding overrides the length (RFC 9112 6.3): those stream as they are.
+    HEAD, 204 and 304 answers have a Content-Length but no body (RFC 9110 8.6): those stream
+    as they are. (aiohttp's parser refuses an answer with both Content-Length and
+    Transfer-Encoding, as RFC 9112 6.3 allows.)
     """
     length = answer.content_length
     return (
@@ -648,7 +653,6 @@ def is_small(request: web.Request, answer: aiohttp.ClientResponse) -> bool:
         and length <= WHOLE_ANSWER_LIMIT
         and request.method != hdrs.METH_HEAD
         and answer.status not in (204, 304)
-        and hdrs.TRANSFER_ENCODING not in answer.headers
     )
 
 

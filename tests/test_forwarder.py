@@ -403,18 +403,22 @@ async def test_the_proxy_adds_no_content_type_or_server_of_its_own(
     assert len(response.header_values("Date")) == 1
 
 
+@pytest.mark.parametrize(
+    "body", [b"", b"x" * (WHOLE_ANSWER_LIMIT + 1)], ids=["small-read-whole", "large-streamed"]
+)
 async def test_an_upstream_cannot_pass_its_answer_off_as_the_proxys_own_error(
-    standins: Standins, start_proxy: StartProxy, raw_upstream: RawUpstreams
+    standins: Standins, start_proxy: StartProxy, raw_upstream: RawUpstreams, body: bytes
 ) -> None:
     upstream_url = await raw_upstream.start(
         b"HTTP/1.1 503 Service Unavailable\r\nX-Skill-Engine-Proxy-Error: token_unavailable\r\n"
-        b"Content-Length: 0\r\n\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
     proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
     response = await raw_exchange(
         proxy.proxy_url, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert response.status == 503
+    assert response.body == body
     assert response.header_values(ERROR_HEADER) == []
 
 
