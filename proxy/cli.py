@@ -204,9 +204,9 @@ async def _check_tenant(
     # An upstream that echoes the request would print the token: show its fingerprint.
     bearer = token.authorization.get_secret_value().removeprefix("Bearer ")
     shown = " ".join(answer.decode("utf-8", "replace").split())
-    shown = shown.replace(bearer, f"<token {token.fingerprint}>")[:_SHOWN_CHARACTERS]
     if location is not None:
         shown = f"redirect to {location!r}"
+    shown = shown.replace(bearer, f"<token {token.fingerprint}>")[:_SHOWN_CHARACTERS]
     if status != 200:
         out.write(f"FAILED: GET {url} answered {status}: {shown}\n")
         return False

@@ -295,13 +295,23 @@ async def test_check_never_prints_the_token_an_upstream_echoes(
     async def echoing(request: web.Request) -> web.Response:
         return web.Response(text=f"you sent {request.headers['Authorization']}")
 
+    @routes.get("/redirecting/version")
+    async def redirecting(request: web.Request) -> web.Response:
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        raise web.HTTPFound(f"/elsewhere?token={token}")
+
     standins = await start_standins(routes)
     config = config_for(standins, upstream={"url": f"{standins.upstream_url}/echoing"})
     status, stdout, _ = await run_command("check", "--config", str(config))
     assert status == 0
-    [token] = standins.tokens.issued
-    assert token not in stdout
     assert "you sent Bearer <token " in stdout
+
+    config = config_for(standins, upstream={"url": f"{standins.upstream_url}/redirecting"})
+    status, redirected, _ = await run_command("check", "--config", str(config))
+    assert status == 1
+    assert "redirect to '/elsewhere?token=<token " in redirected
+    for token in standins.tokens.issued:
+        assert token not in stdout + redirected
 
 
 async def test_check_fails_when_the_upstream_refuses_the_token(
