@@ -3,7 +3,10 @@
 aiohttp.web in front, one ClientSession behind, bodies streamed both ways, a fixed bearer
 token, hop-by-hop headers dropped; no metrics, no logging, no token cache, no routing.
 
-    python bench/bare_proxy.py LISTEN_PORT UPSTREAM_URL
+    python bench/bare_proxy.py LISTEN_PORT UPSTREAM_URL [uvloop]
+
+With `uvloop`, it runs on uvloop, so that the product on uvloop meets a yardstick on the
+same loop.
 """
 
 from __future__ import annotations
@@ -68,7 +71,12 @@ def main() -> None:
     app[UPSTREAM] = upstream
     app.cleanup_ctx.append(session)
     app.router.add_route("*", "/{path:.*}", forward)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    loop = None
+    if sys.argv[3:] == ["uvloop"]:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=loop)
 
 
 if __name__ == "__main__":

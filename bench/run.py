@@ -6,15 +6,18 @@ ways to reach the upstream:
 
 - direct: the client talks to the upstream nginx (the floor);
 - nginx: nginx as a reverse proxy that sets a fixed Authorization header (the native
-  ceiling), streaming both ways like the proxy does;
-- bare: bench/bare_proxy.py, a minimal aiohttp proxy (the yardstick);
+  ceiling), streaming both ways like the proxy does, with keep-alive upstream connections
+  and 64 KiB buffers;
+- bare, bare-uvloop: bench/bare_proxy.py, a minimal aiohttp proxy (the yardstick), on
+  asyncio's loop and on uvloop;
 - proxy: skill-engine-proxy with its default settings (metrics, token cache, request id,
   JSON access log written to a file), on uvloop when the `speed` extra is installed;
 - proxy-asyncio: the same on asyncio's own loop (`run --loop asyncio`), the yardstick's.
 
 Every round measures each of them in turn, in an order that rotates from round to round,
 so that the machine's drift falls on all alike; ratios are taken within a round. Needs
-nginx-light, wrk and hey (Debian packages) and curl. See the README's "Performance".
+nginx-light (nginx with its echo module), wrk and curl (Debian packages). See the README's
+"Performance".
 
     .venv/bin/python bench/run.py [--rounds 5] [--duration 5] [--json results.json]
 """
@@ -22,9 +25,6 @@ nginx-light, wrk and hey (Debian packages) and curl. See the README's "Performan
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import io
 import json
 import os
 import platform
@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.server import has_uvloop
+
 BENCH = Path(__file__).resolve().parent
 CLIENT_ID, CLIENT_SECRET, AUDIENCE = "bench-client", "bench-secret", "bench.techwolf.ai"
 SMALL_ANSWER = json.dumps(
@@ -52,9 +54,17 @@ SMALL_ANSWER = json.dumps(
         "skills": [{"id": f"skill-{n}", "name": f"Skill {n}", "score": 0.5} for n in range(3)],
     }
 )
-TARGETS = ("direct", "nginx", "bare", "proxy", "proxy-asyncio")
+TARGETS = ("direct", "nginx", "bare", "bare-uvloop", "proxy", "proxy-asyncio")
 PRODUCTS = ("proxy", "proxy-asyncio")
-RATIO_COLUMNS = ("proxy/bare", "proxy/nginx", "proxy/direct", "proxy-asyncio/bare")
+YARDSTICKS = ("bare", "bare-uvloop")
+# Each product against the yardstick on its own event loop, and against nginx and direct.
+RATIO_COLUMNS = (
+    "proxy/bare-uvloop",
+    "proxy-asyncio/bare",
+    "proxy/nginx",
+    "proxy/direct",
+)
+ECHO_MODULE = "/usr/lib/nginx/modules/ngx_http_echo_module.so"
 # Loopback only: an HTTP_PROXY in the environment must not carry the benchmark's requests.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 CURL = ("curl", "--noproxy", "*", "-sS", "-o", "/dev/null", "-w")
@@ -124,13 +134,13 @@ def wait_for(url: str, timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def nginx_config(workdir: Path, port: int, body: str) -> Path:
+def nginx_config(workdir: Path, port: int, body: str, upstream: str = "") -> Path:
     """A one-process nginx (no master), so one pid holds all of its CPU time."""
     user = "user root;" if os.geteuid() == 0 else ""
     path = workdir / f"nginx-{port}.conf"
     path.write_text(
         f"""
-load_module /usr/lib/nginx/modules/ngx_http_echo_module.so;
+load_module {ECHO_MODULE};
 {user}
 daemon off;
 master_process off;
@@ -147,6 +157,7 @@ http {{
     sendfile on;
     keepalive_requests 1000000;
     client_max_body_size 0;
+    {upstream}
     server {{
         listen 127.0.0.1:{port};
 {body}
@@ -167,7 +178,7 @@ def upstream_nginx(workdir: Path, port: int) -> str:
         location = /small {{ default_type application/json; return 200 '{SMALL_ANSWER}'; }}
         location /files/ {{ alias {files}/; }}
         location = /upload {{
-            client_body_buffer_size 1m;
+            client_body_buffer_size 128m;
             echo_read_request_body;
             echo '{{"received": true}}';
         }}
@@ -182,14 +193,19 @@ def proxy_nginx(workdir: Path, port: int, upstream_port: int) -> str:
         f"""
         access_log {workdir}/nginx-proxy.access.log;
         location / {{
-            proxy_pass http://127.0.0.1:{upstream_port};
+            proxy_pass http://skill_engine;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Authorization "Bearer bench-fixed-token";
             proxy_buffering off;
             proxy_request_buffering off;
+            proxy_buffer_size 64k;
+            proxy_buffers 4 64k;
+            proxy_busy_buffers_size 128k;
+            client_body_buffer_size 64k;
         }}
 """,
+        upstream=f"upstream skill_engine {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}",
     ).as_posix()
 
 
@@ -218,17 +234,31 @@ def product_config(
 
 
 class Processes:
-    """Every process the benchmark starts, stopped at the end whatever happens."""
+    """Every process the benchmark starts, stopped at the end whatever happens; each
+    writes its output to NAME.log in the work directory."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.started: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def started(self) -> list[subprocess.Popen[bytes]]:
+        return list(self.named.values())
 
     def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"{name}.log").open("wb")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        self.started.append(process)
+        with (self.workdir / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.named[name] = process
         return process
+
+    def exited(self) -> str:
+        """The end of the log of each process that has exited, for an error message."""
+        return "".join(
+            f"\n--- {name} exited with {process.returncode}:\n"
+            + (self.workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+            for name, process in self.named.items()
+            if process.poll() is not None
+        )
 
     def stop(self) -> None:
         for process in self.started:
@@ -239,6 +269,7 @@ class Processes:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
 
 
 def make_file(path: Path, size: int) -> Path:
@@ -254,27 +285,26 @@ def start_all(processes: Processes, size: int) -> tuple[dict[str, Target], float
     workdir = processes.workdir
     (workdir / "files").mkdir()
     make_file(workdir / "files" / "big", size)
-    up, ng, bare, token = (free_port() for _ in range(4))
+    up, ng, token = (free_port() for _ in range(3))
     upstream = f"http://127.0.0.1:{up}"
-
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     processes.start("upstream", [nginx, "-e", "stderr", "-c", upstream_nginx(workdir, up)])
     proxy_ng = processes.start(
         "nginx-proxy", [nginx, "-e", "stderr", "-c", proxy_nginx(workdir, ng, up)]
     )
     processes.start("token-endpoint", [sys.executable, __file__, "--token-endpoint", str(token)])
-    bare_proxy = processes.start(
-        "bare", [sys.executable, str(BENCH / "bare_proxy.py"), str(bare), upstream]
-    )
-    for url in (f"{upstream}/small", f"http://127.0.0.1:{ng}/small", f"http://127.0.0.1:{bare}/"):
-        wait_for_any_answer(url)
-    wait_for_any_answer(f"http://127.0.0.1:{token}/")
-
     targets = {
         "direct": Target("direct", upstream, None),
         "nginx": Target("nginx", f"http://127.0.0.1:{ng}", proxy_ng.pid),
-        "bare": Target("bare", f"http://127.0.0.1:{bare}", bare_proxy.pid),
     }
+    for name, loop in zip(YARDSTICKS, ([], ["uvloop"]), strict=True):
+        port = free_port()
+        command = [sys.executable, str(BENCH / "bare_proxy.py"), str(port), upstream, *loop]
+        targets[name] = Target(name, f"http://127.0.0.1:{port}", processes.start(name, command).pid)
+    for target in targets.values():
+        wait_for_any_answer(f"{target.url}/small")
+    wait_for_any_answer(f"http://127.0.0.1:{token}/")
+
     startup = 0.0
     for name, loop in zip(PRODUCTS, ("auto", "asyncio"), strict=True):
         port, admin = free_port(), free_port()
@@ -352,35 +382,22 @@ def measure_wrk(target: Target, results: Results, duration: float) -> None:
         results.add("cpu_us_per_request", target.name, cpu / requests * 1e6)
 
 
-def measure_fixed_rate(target: Target, results: Results, duration: float, rate: int) -> None:
-    """Latency percentiles at a fixed, moderate request rate (hey, 10 connections)."""
-    connections = 10
+def measure_fixed_rate(target: Target, results: Results, duration: int, rate: int) -> None:
+    """Latency percentiles at a fixed, moderate request rate (bench/rate.py, microsecond
+    resolution), and the CPU per request at that rate."""
+    cpu = target.cpu_seconds()
     output = run(
-        [
-            "hey",
-            "-z",
-            f"{duration:g}s",
-            "-c",
-            str(connections),
-            "-q",
-            f"{rate / connections:g}",
-            "-o",
-            "csv",
-            f"{target.url}/small",
-        ],
+        [sys.executable, str(BENCH / "rate.py"), f"{target.url}/small", str(rate), str(duration)],
         timeout=duration + 30,
     )
-    rows = list(csv.DictReader(io.StringIO(output)))
-    failed = [row for row in rows if row["status-code"] != "200"]
-    if not rows or failed:
-        raise RuntimeError(f"hey against {target.name}: {len(failed)} of {len(rows)} failed")
-    times = sorted(float(row["response-time"]) * 1000 for row in rows)
-    results.add("rate_p50_ms", target.name, percentile(times, 0.50))
-    results.add("rate_p99_ms", target.name, percentile(times, 0.99))
-
-
-def percentile(ordered: list[float], fraction: float) -> float:
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+    cpu = target.cpu_seconds() - cpu
+    outcome = json.loads(output)
+    if outcome["failed"] or not outcome["requests"]:
+        raise RuntimeError(f"fixed rate against {target.name}: {outcome}")
+    results.add("rate_p50_ms", target.name, outcome["p50_us"] / 1000)
+    results.add("rate_p99_ms", target.name, outcome["p99_us"] / 1000)
+    if target.pid is not None:
+        results.add("rate_cpu_us_per_request", target.name, cpu / outcome["requests"] * 1e6)
 
 
 def measure_streams(target: Target, results: Results, workdir: Path, size: int) -> None:
@@ -411,16 +428,20 @@ def transfer(target: Target, workdir: Path, direction: str, name: str) -> None:
         raise RuntimeError(f"{direction} through {target.name}: HTTP {status}, {moved} bytes")
 
 
-def measure_once(targets: dict[str, Target], results: Results, workdir: Path, huge: bool) -> None:
-    """Idle RSS, then peak RSS while a 1 GiB body streams each way (proxy and yardstick)."""
-    for name in ("bare", *PRODUCTS):
+def measure_idle_memory(targets: dict[str, Target], results: Results) -> None:
+    """The RSS of the proxies and the yardsticks, idle after the warm-up."""
+    for name in (*YARDSTICKS, *PRODUCTS):
+        results.once[f"{name}_idle_rss_mib"] = targets[name].memory_kib("VmRSS") / 1024
+
+
+def measure_streaming_memory(targets: dict[str, Target], results: Results, workdir: Path) -> None:
+    """Peak RSS while a 1 GiB body streams each way through the proxies and the yardsticks."""
+    for name in (*YARDSTICKS, *PRODUCTS):
         target = targets[name]
-        results.once[f"{name}_idle_rss_mib"] = target.memory_kib("VmRSS") / 1024
-        if huge:
-            target.reset_peak_memory()
-            transfer(target, workdir, "download", "huge")
-            transfer(target, workdir, "upload", "huge")
-            results.once[f"{name}_stream_peak_rss_mib"] = target.memory_kib("VmHWM") / 1024
+        target.reset_peak_memory()
+        transfer(target, workdir, "download", "huge")
+        transfer(target, workdir, "upload", "huge")
+        results.once[f"{name}_stream_peak_rss_mib"] = target.memory_kib("VmHWM") / 1024
 
 
 def measure_import(results: Results, repeat: int) -> None:
@@ -446,20 +467,23 @@ def benchmark(arguments: argparse.Namespace) -> Results:
         workdir = Path(temporary)
         processes = Processes(workdir)
         try:
-            targets, startup = start_all(processes, size)
+            try:
+                targets, startup = start_all(processes, size)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}{processes.exited()}") from None
             results.once["proxy_startup_ms"] = startup * 1000
             if arguments.huge:
                 make_file(workdir / "files" / "huge", 1024 * MIB)
-            measure_once(targets, results, workdir, huge=False)
             for target in targets.values():  # warm-up: connections, token, caches
                 run(["wrk", "-t1", "-c64", "-d1s", f"{target.url}/small"], timeout=30)
+            measure_idle_memory(targets, results)
             for round_number in range(arguments.rounds):
                 for measure in measurements(arguments, workdir, size):
                     for name in rotated(TARGETS, round_number):
                         measure(targets[name], results)
                 print(f"round {round_number + 1} of {arguments.rounds} done", file=sys.stderr)
             if arguments.huge:
-                measure_once(targets, results, workdir, huge=True)
+                measure_streaming_memory(targets, results, workdir)
             measure_import(results, repeat=5)
         finally:
             processes.stop()
@@ -483,7 +507,8 @@ ROWS = (
     ("wrk_rps", "requests/s at 64 connections", "{:.0f}"),
     ("wrk_p50_ms", "p50 latency at 64 connections (ms)", "{:.2f}"),
     ("wrk_p99_ms", "p99 latency at 64 connections (ms)", "{:.2f}"),
-    ("cpu_us_per_request", "CPU per small request (µs)", "{:.0f}"),
+    ("cpu_us_per_request", "CPU per small request at 64 connections (µs)", "{:.0f}"),
+    ("rate_cpu_us_per_request", "CPU per small request at the fixed rate (µs)", "{:.0f}"),
     ("rate_p50_ms", "p50 latency at the fixed rate (ms)", "{:.3f}"),
     ("rate_p99_ms", "p99 latency at the fixed rate (ms)", "{:.3f}"),
     ("download_mb_s", "download (MB/s)", "{:.0f}"),
@@ -527,7 +552,8 @@ def report(results: Results, arguments: argparse.Namespace) -> str:
         f" {arguments.size_mib} MiB streams",
         f"machine: {os.cpu_count()} CPUs, {platform.python_implementation()}"
         f" {platform.python_version()} ({' '.join(platform.python_build())}),"
-        f" {platform.machine()}; proxy's event loop: {event_loop_name()}",
+        f" {platform.machine()}; the proxy's default loop here:"
+        f" {'uvloop' if has_uvloop() else 'asyncio'}",
         "",
         "median (min-max) over rounds",
         "",
@@ -556,24 +582,30 @@ def report(results: Results, arguments: argparse.Namespace) -> str:
         cells = [spread(added[name], "{:.3f}") for name in TARGETS[1:]]
         lines.append(f"| {percent} | " + " | ".join(cells) + " |")
 
-    lines += ["", "once per run", ""]
-    lines += [f"- {name}: {value:.1f}" for name, value in sorted(results.once.items())]
+    memory = (*YARDSTICKS, *PRODUCTS)
+    lines += ["", "memory, once per run (MiB)", ""]
+    lines += ["| | " + " | ".join(memory) + " |", "| --- |" + " --- |" * len(memory)]
+    for figure, label in (
+        ("idle_rss", "idle RSS"),
+        ("stream_peak_rss", "peak RSS, 1 GiB each way"),
+    ):
+        cells = [f"{results.once.get(f'{name}_{figure}_mib', float('nan')):.1f}" for name in memory]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    once = results.once
+    lines += [
+        "",
+        f"start-up, process start to /readyz 200 with the token: {once['proxy_startup_ms']:.0f} ms",
+        f"import proxy: {once['import_proxy_ms']:.1f} ms; import proxy.cli (all that run"
+        f" loads): {once['import_proxy_cli_ms']:.0f} ms",
+    ]
     return "\n".join(lines)
-
-
-def event_loop_name() -> str:
-    """The event loop the product runs on: uvloop when installed."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load run")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per load run")
     parser.add_argument("--rate", type=int, default=500, help="requests/s of the fixed rate")
     parser.add_argument("--size-mib", type=int, default=100, help="size of the streamed bodies")
     parser.add_argument(
@@ -588,9 +620,9 @@ def main() -> None:
     if arguments.token_endpoint:
         serve_token_endpoint(arguments.token_endpoint)
         return
-    missing = [tool for tool in ("nginx", "wrk", "hey", "curl") if not find_tool(tool)]
+    missing = missing_tools()
     if missing:
-        sys.exit(f"bench: missing {', '.join(missing)}; apt-get install nginx-light wrk hey curl")
+        sys.exit(f"bench: missing {', '.join(missing)}; apt-get install nginx-light wrk curl")
 
     results = benchmark(arguments)
     print(report(results, arguments))
@@ -600,12 +632,22 @@ def main() -> None:
         )
 
 
-def find_tool(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+def missing_tools() -> list[str]:
+    """What the benchmark needs and this machine lacks."""
+    missing = [
+        tool
+        for tool in ("nginx", "wrk", "curl")
+        if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/bin"))
+    ]
+    if not Path(ECHO_MODULE).exists():
+        missing.append(f"nginx's echo module ({ECHO_MODULE})")
+    return missing
 
 
 if __name__ == "__main__":
     # SIGTERM unwinds like Ctrl-C, so that the processes started are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    with contextlib.suppress(KeyboardInterrupt):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
         main()
+    except KeyboardInterrupt:
+        sys.exit(130)
