@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -37,6 +37,8 @@ EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 # What is left of the shutdown once no request is in flight: closing idle connections.
 _CLOSE_TIMEOUT = 1.0
+# Connections the kernel queues for a listener before the proxy accepts them (aiohttp's).
+LISTEN_BACKLOG = 128
 
 
 class _QuietMalformedRequests(logging.Filter):
@@ -63,13 +65,11 @@ class ProxyServer:
         settings: Settings,
         *,
         clock: Clock | None = None,
-        reuse_port: bool = False,
-        sockets: Mapping[ListenAddress, socket.socket] | None = None,
+        sockets: Mapping[ListenAddress, Sequence[socket.socket]] | None = None,
     ) -> None:
-        """`reuse_port` and `sockets` are for workers: TCP listeners are bound with
-        SO_REUSEPORT beside the other workers', unix socket listeners are the supervisor's."""
+        """`sockets` are for workers: the listening sockets of each address, bound once by
+        the supervisor and accepted on by every worker."""
         self.settings = settings
-        self._reuse_port = reuse_port
         self._sockets = dict(sockets or {})
         server_logger = logging.getLogger("aiohttp.server")
         if _QUIET_MALFORMED_REQUESTS not in server_logger.filters:
@@ -208,23 +208,17 @@ class ProxyServer:
 
         For a route's own listener, tell the router which sockets are that listener's.
         """
-        site: web.BaseSite
         inherited = self._sockets.get(address)
         if inherited is not None:
-            site = web.SockSite(runner, inherited)
+            sockets = list(inherited)
         elif address.path is not None:
-            site = web.SockSite(runner, bind_unix_socket(address, self.settings.unix_socket_mode))
+            sockets = [bind_unix_socket(address, self.settings.unix_socket_mode)]
         else:
-            site = web.TCPSite(
-                runner,
-                address.host,
-                address.port,
-                reuse_address=True,
-                reuse_port=self._reuse_port or None,
-            )
+            sockets = bind_tcp_sockets(address)
         before = set(runner.addresses)
         try:
-            await site.start()
+            for sock in sockets:
+                await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
         except OSError as exc:
             raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
         bound = [name for name in runner.addresses if name not in before]
@@ -238,6 +232,39 @@ class ProxyServer:
             return f"unix:{address.path}"
         host, port = bound[0][:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind_tcp_sockets(address: ListenAddress) -> list[socket.socket]:
+    """Sockets bound to each address `address.host` stands for, all on one port (the one
+    the OS chose, for port 0), not yet listening.
+
+    SO_REUSEADDR lets a restart bind while connections of the last run linger in TIME_WAIT.
+    SO_REUSEPORT is never set: with it, a second proxy could bind the same address and the
+    kernel would hand it a share of the connections, with its own tenant's token. An IPv6
+    socket takes only IPv6 (`::` does not also take IPv4), as asyncio's own servers do.
+    """
+    try:
+        found = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
+    sockets: list[socket.socket] = []
+    port = address.port
+    try:
+        for family, kind, protocol, _, where in dict.fromkeys(found):
+            sock = socket.socket(family, kind, protocol)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((where[0], port, *where[2:]))
+            port = sock.getsockname()[1]
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
+    return sockets
 
 
 def bind_unix_socket(address: ListenAddress, mode: int) -> socket.socket:
