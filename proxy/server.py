@@ -316,21 +316,36 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    """SIGTERM or SIGINT asks for a graceful stop; a second one ends the process at once."""
+    """SIGTERM or SIGINT asks for a graceful stop; a second one ends the process at once,
+    unless `escalate` is False."""
 
     def __init__(
-        self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, parent: int | None = None
+        self,
+        signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+        parent: int | None = None,
+        *,
+        escalate: bool = True,
     ) -> None:
         """`parent`: a file descriptor that turns readable when the process that started
-        this one is gone (a worker's supervisor); that stops this one too."""
+        this one is gone (a worker's supervisor); that stops this one too.
+
+        `escalate` False is for a worker: a stop signal sent to the whole process group
+        (systemd, `timeout`, `kill -TERM -PGID`) reaches it twice, directly and passed on
+        by the supervisor, and the second is no sign of impatience. Its supervisor is the
+        one that ends the workers at once, on a second signal of its own.
+        """
         self._signals = signals
         self._parent = parent
+        self._escalate = escalate
         self._received = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
     def __enter__(self) -> StopSignals:
         for signum in self._signals:
             self._loop.add_signal_handler(signum, self._on_signal, signum)
+        # A process may start with them blocked (a worker does): one sent meanwhile is
+        # delivered now, to the handler, rather than killing it before it could drain.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self._signals))
         if self._parent is not None:
             self._loop.add_reader(self._parent, self._on_parent_gone)
         return self
@@ -338,6 +353,10 @@ class StopSignals:
     def __exit__(self, *_exc: object) -> None:
         for signum in self._signals:
             self._loop.remove_signal_handler(signum)
+            if not self._escalate:
+                # Stopped, and still exiting: a late one must not kill it with a status
+                # that tells the supervisor it failed.
+                signal.signal(signum, signal.SIG_IGN)
         if self._parent is not None:
             self._loop.remove_reader(self._parent)
 
@@ -353,6 +372,9 @@ class StopSignals:
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self._received.is_set():
+            if not self._escalate:
+                logger.debug("Received %s again; still draining.", name)
+                return
             logger.warning("Received %s again: exiting without draining.", name)
             os._exit(1)
         logger.info("Received %s.", name)
@@ -378,7 +400,7 @@ async def serve(
         configure_logging(new.log, worker=worker)
         await server.reconfigure(new)
 
-    with StopSignals(stop_signals, parent) as signals:
+    with StopSignals(stop_signals, parent, escalate=worker is None) as signals:
         await server.start()
         reloader = None
         if source is not None:

@@ -182,13 +182,15 @@ class _Supervisor:
             args=(self._settings, index, self._sockets, self._source, self._loop),
             name=f"skill-engine-proxy worker {index}",
         )
-        # A new process dies of SIGHUP until it can handle it: it starts with SIGHUP
-        # blocked (the mask is inherited), and unblocks it once its handler is in place.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # A new process dies of SIGHUP or SIGTERM until it can handle them: it starts with
+        # both blocked (the mask is inherited), and unblocks each once its handler is in
+        # place. One sent meanwhile waits until then.
+        held = {signal.SIGHUP, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:
             process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         self._workers[index] = process
         logger.info("Worker %d started (pid %d).", index, process.pid)
 
@@ -238,6 +240,12 @@ class _Supervisor:
 
     def _stop_all(self) -> None:
         self._stopping = True
+        # Each worker holds a copy of every listening socket. Once the workers have closed
+        # theirs, connecting must be refused at once, not left waiting in a queue that
+        # this process holds open and nobody accepts from any more.
+        for sockets in self._sockets.values():
+            for sock in sockets:
+                sock.close()
         for process in self._workers.values():
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)

@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import Standins, StartStandins
 from tests.support import (
     TENANT,
+    HeldRoute,
     proxy_command,
     sample,
     samples,
@@ -246,3 +247,55 @@ async def test_a_second_proxy_on_a_taken_address_exits_1_and_the_first_keeps_it(
         assert len(ours.skill_engine.received) == 50
         assert not theirs.skill_engine.received
         assert not theirs.tokens.requests
+
+
+async def refuses_connections(url: str) -> bool:
+    """Whether connecting to `url` is refused, once the listeners had a moment to close."""
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    for _ in range(500):
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+        except ConnectionRefusedError:
+            return True
+        except TimeoutError:
+            continue
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_sigterm_to_the_whole_process_group_drains_and_exits_0(
+    tmp_path: Path, start_standins: StartStandins
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    document = settings_document(standins.token_url, standins.upstream_url)
+    async with (
+        workers(write_config(tmp_path / "group.yaml", document)) as supervisor,
+        aiohttp.ClientSession() as client,
+    ):
+        proxy_url, _ = await listening(supervisor)
+
+        async def slow_call() -> tuple[int, str]:
+            async with client.get(f"{proxy_url}/slow") as response:
+                return response.status, await response.text()
+
+        in_flight = asyncio.create_task(slow_call())
+        await held.arrived.wait()
+        # As systemd, `timeout` or `kill -TERM -PGID` do: each worker gets SIGTERM
+        # directly, and again from the supervisor. The supervisor is held meanwhile, so
+        # that its SIGTERM reaches each worker after the worker's own, never merged with it.
+        os.kill(supervisor.process.pid, signal.SIGSTOP)
+        os.killpg(supervisor.process.pid, signal.SIGTERM)
+        await supervisor.wait_for(r"\[worker \d\]: Received SIGTERM\.", 2)
+        os.kill(supervisor.process.pid, signal.SIGCONT)
+        await supervisor.wait_for(r"Received SIGTERM: the workers drain and stop")
+        await supervisor.wait_for(r"\[worker \d\]: Stopping: no new connections", 2)
+        assert await refuses_connections(proxy_url)
+
+        held.release.set()
+        assert await in_flight == (200, "finished")
+        assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
+    assert "without draining" not in supervisor.log
+    assert "exited with status" not in supervisor.log
