@@ -407,7 +407,8 @@ async def serve(
             reloader = Reloader(source, settings, reconfigure, outcome=server.metrics.reloaded)
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
-            # A worker starts with SIGHUP blocked, so that it does not die of one before now.
+            # `run` starts with SIGHUP blocked, so that it does not die of one before now;
+            # one sent meanwhile is delivered now, and reloads.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             reloader.start()
         try:
@@ -415,6 +416,8 @@ async def serve(
         finally:
             if reloader is not None:
                 loop.remove_signal_handler(signal.SIGHUP)
+                # Stopping: a reload would be pointless, and SIGHUP's default would kill.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 await reloader.close()
         await server.drain()
         await server.stop()

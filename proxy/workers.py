@@ -165,6 +165,9 @@ class _Supervisor:
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload_signal)
+        # `run` blocked SIGHUP until now: one sent meanwhile is delivered here (and reaches
+        # no worker yet, which is no loss: they start with the config just read).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
             for index in range(self._count):
                 self._start(index)
@@ -233,6 +236,9 @@ class _Supervisor:
         self._stop_all()
 
     def _on_reload_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._stopping:
+            logger.info("Received SIGHUP while stopping; no reload.")
+            return
         logger.info("Received SIGHUP: the workers reload the config.")
         for process in self._workers.values():
             if process.is_alive():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,13 +19,18 @@ from proxy import __version__
 from proxy.server import has_uvloop
 from tests.conftest import Standins, StartStandins
 from tests.support import (
+    LISTENING,
     SECRET,
     HeldRoute,
+    Running,
     collect_lines,
+    console_script,
+    opened_by_reader,
     proxy_command,
     running_proxy,
     settings_document,
     subprocess_env,
+    write_and_close,
     write_config,
 )
 
@@ -403,3 +410,73 @@ async def test_200_mib_streams_each_way_without_the_proxy_growing_with_it(
         growth_mib = (_vm_kib(proxy.process.pid, "VmHWM") - baseline) / 1024
         assert growth_mib < 32, f"the proxy grew by {growth_mib:.0f} MiB for 200 MiB each way"
         assert await proxy.stop() == 0
+
+
+async def test_a_sighup_while_run_starts_becomes_a_reload_not_its_end(
+    tmp_path: Path, standins: Standins
+) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    document = settings_document(standins.token_url, standins.upstream_url)
+    process = await asyncio.create_subprocess_exec(
+        console_script(),
+        *("run", "--config", str(fifo)),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    assert process.stderr is not None
+    proxy = Running(process)
+    reader = asyncio.create_task(collect_lines(process.stderr, proxy.stderr))
+    try:
+        # Reading its config: past its imports, before its SIGHUP handler is in place.
+        config = await opened_by_reader(fifo, process)
+        process.send_signal(signal.SIGHUP)
+        write_and_close(config, document)
+        await proxy.wait_for_log("Listening on")
+        # The SIGHUP waited for the handler, and reloads: the config is read again.
+        write_and_close(await opened_by_reader(fifo, process), document)
+        await proxy.wait_for_log("Reloaded the config")
+
+        match = LISTENING.search(proxy.log)
+        assert match, proxy.log
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{match.group(1)}/version") as response,
+        ):
+            assert response.status == 200
+        assert await proxy.stop() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await reader
+
+
+async def test_run_holds_sighup_before_it_imports_the_proxy() -> None:
+    # Importing proxy.cli takes about half a second: SIGHUP's default action must not
+    # have that long to end the process. The mask is read as the import begins.
+    code = """if True:
+        import importlib.abc, signal, sys
+        import proxy.__main__ as entry
+
+        class Watch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "proxy.cli":
+                    held = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+                    print("held" if signal.SIGHUP in held else "not held", flush=True)
+                return None
+
+        sys.meta_path.insert(0, Watch())
+        sys.argv = ["skill-engine-proxy", "run"]
+        entry.main()
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert stdout.decode().split() == ["held"]

@@ -20,11 +20,13 @@ from tests.conftest import Standins, StartStandins
 from tests.support import (
     TENANT,
     HeldRoute,
+    opened_by_reader,
     proxy_command,
     sample,
     samples,
     settings_document,
     subprocess_env,
+    write_and_close,
     write_config,
 )
 
@@ -299,3 +301,21 @@ async def test_sigterm_to_the_whole_process_group_drains_and_exits_0(
         assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
     assert "without draining" not in supervisor.log
     assert "exited with status" not in supervisor.log
+
+
+async def test_a_sighup_while_the_supervisor_starts_does_not_end_it(
+    tmp_path: Path, standins: Standins
+) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    document = settings_document(standins.token_url, standins.upstream_url)
+    async with workers(fifo) as supervisor:
+        # Reading its config: past its imports, before its SIGHUP handler is in place.
+        config = await opened_by_reader(fifo, supervisor.process)
+        supervisor.process.send_signal(signal.SIGHUP)
+        write_and_close(config, document)
+        proxy_url, _ = await listening(supervisor)
+        async with aiohttp.ClientSession() as client, client.get(f"{proxy_url}/version") as got:
+            assert got.status == 200
+        supervisor.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
