@@ -28,6 +28,7 @@ from tests.support import (
     opened_by_reader,
     proxy_command,
     running_proxy,
+    sample,
     settings_document,
     subprocess_env,
     write_and_close,
@@ -480,3 +481,52 @@ async def test_run_holds_sighup_before_it_imports_the_proxy() -> None:
     )
     stdout, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     assert stdout.decode().split() == ["held"]
+
+
+async def until_in_flight(client: aiohttp.ClientSession, admin_url: str, count: int) -> None:
+    for _ in range(1000):
+        async with client.get(f"{admin_url}/metrics") as response:
+            text = await response.text()
+        if sample(text, "skill_engine_proxy_requests_in_flight") >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {count} requests in flight")
+
+
+async def test_a_request_still_waiting_for_a_token_when_the_stop_gives_up_gets_503(
+    tmp_path: Path, standins: Standins
+) -> None:
+    standins.tokens.gate.clear()  # the token endpoint never answers
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["shutdown"] = {"drain_delay": 0, "timeout": 0.5}
+    config = write_config(tmp_path / "stop.yaml", document)
+    async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
+        waiting = asyncio.create_task(client.get(f"{proxy.proxy_url}/version"))
+        await until_in_flight(client, proxy.admin_url, 1)
+        proxy.process.send_signal(signal.SIGTERM)
+        async with await waiting as response:
+            assert response.status == 503
+            assert (await response.json())["error"] == "token_unavailable"
+            assert response.headers["X-Skill-Engine-Proxy-Error"] == "token_unavailable"
+        assert await asyncio.wait_for(proxy.process.wait(), timeout=30) == 0
+    assert "1 requests still in flight after 0.5 s" in proxy.log
+    assert re.search(r"skill_engine_proxy\.access: GET /version 503 ", proxy.log), proxy.log
+
+
+async def test_a_request_the_stop_cuts_off_upstream_is_closed_and_logged_as_499(
+    tmp_path: Path, start_standins: StartStandins
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["shutdown"] = {"drain_delay": 0, "timeout": 0.5}
+    config = write_config(tmp_path / "stop.yaml", document)
+    async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
+        cut_off = asyncio.create_task(client.get(f"{proxy.proxy_url}/slow"))
+        await held.arrived.wait()
+        proxy.process.send_signal(signal.SIGTERM)
+        # The upstream may have acted on it: no answer rather than one that says otherwise.
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await cut_off
+        assert await asyncio.wait_for(proxy.process.wait(), timeout=30) == 0
+    assert re.search(r"skill_engine_proxy\.access: GET /slow 499 ", proxy.log), proxy.log
