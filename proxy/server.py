@@ -77,9 +77,14 @@ class ProxyServer:
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
         self._proxy_app = create_proxy_app(settings, self.metrics, self.lifecycle, clock=clock)
+        # aiohttp's keep-alive timer runs from when a connection opens and from the end of
+        # each answer, until a complete request head has arrived: it bounds a client that
+        # sends its head slowly, or stops halfway (slowloris), as well as an idle one.
+        client_timeout = settings.client_header_timeout
         self._proxy = web.AppRunner(
             self._proxy_app,
             access_log=None,
+            keepalive_timeout=client_timeout,
             # The drain is the proxy's own (`stop`); aiohttp's would wait twice as long.
             shutdown_timeout=_CLOSE_TIMEOUT,
             # A client that hangs up cancels its request, and with it the upstream exchange.
@@ -90,6 +95,7 @@ class ProxyServer:
         self._admin = web.AppRunner(
             create_admin_app(self.metrics, self.lifecycle),
             access_log=None,
+            keepalive_timeout=client_timeout,
             shutdown_timeout=_CLOSE_TIMEOUT,
         )
         # Socket files this process created, with their inode: a successor started during
