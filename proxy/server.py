@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -55,6 +57,69 @@ class _QuietMalformedRequests(logging.Filter):
 
 
 _QUIET_MALFORMED_REQUESTS = _QuietMalformedRequests()
+
+# What accept() fails with when no descriptor (or no kernel memory) is left for a connection.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# How often the proxy says, at most, that it cannot accept connections.
+ACCEPT_FAILURES_INTERVAL = 60.0
+
+
+class _AcceptFailures:
+    """The event loop's exception handler: it says at most once a minute, in one line, that
+    the listeners cannot accept connections for want of descriptors, and hands every other
+    report to the loop's default handler.
+
+    asyncio reports every accept() that fails so, with a traceback, and tries again many
+    times a second: a few hundred idle clients under a low descriptor limit made megabytes
+    of log a second. (uvloop reports none: libuv closes such connections at once itself.)
+    Each failure also leaves a retry behind, due a second later, which fails again with a
+    traceback of its own when the listener has closed by then: those are dropped too.
+    """
+
+    def __init__(self) -> None:
+        self._said_at: float | None = None
+        self._unsaid = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        message = str(context.get("message"))
+        if isinstance(error, ValueError | OSError) and "_start_serving" in message:
+            logger.debug("A retry to accept on a closed listener failed: %s", error)
+            return
+        if not (
+            isinstance(error, OSError) and error.errno in _OUT_OF_RESOURCES and "accept" in message
+        ):
+            loop.default_exception_handler(context)
+            return
+        now = loop.time()
+        if self._said_at is not None and now - self._said_at < ACCEPT_FAILURES_INTERVAL:
+            self._unsaid += 1
+            return
+        since = f" ({self._unsaid} more since it was last said)" if self._unsaid else ""
+        logger.error(
+            "Cannot accept new connections: %s, with an open file limit of %d%s. They wait "
+            "in the listen queue until some close; this is said at most once a minute.",
+            error.strerror,
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            since,
+        )
+        self._said_at, self._unsaid = now, 0
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard limit, as nginx and Go's runtime do
+    at start: each client connection takes a descriptor (and a forwarded request one more
+    upstream), and the usual soft default of 1024 runs out long before the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        logger.debug("Open file limit: %d.", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # macOS refuses its unlimited hard limit as a soft one
+        logger.debug("Open file limit: %d; raising it to the hard limit failed: %s", soft, exc)
+        return
+    logger.debug("Open file limit raised from %d to %d, the hard limit.", soft, hard)
 
 
 class ProxyServer:
@@ -400,6 +465,8 @@ async def serve(
     worker, until its supervisor is gone), then drain and return. With `source`, reload
     on SIGHUP and when its files change. `options` go to `ProxyServer`."""
     configure_logging(settings.log, worker=worker)
+    raise_open_file_limit()
+    asyncio.get_running_loop().set_exception_handler(_AcceptFailures())
     server = ProxyServer(settings, **options)
 
     async def reconfigure(new: Settings) -> None:

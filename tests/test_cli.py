@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from tests.support import (
     console_script,
     opened_by_reader,
     proxy_command,
+    running_command,
     running_proxy,
     sample,
     settings_document,
@@ -530,3 +532,65 @@ async def test_a_request_the_stop_cuts_off_upstream_is_closed_and_logged_as_499(
             await cut_off
         assert await asyncio.wait_for(proxy.process.wait(), timeout=30) == 0
     assert re.search(r"skill_engine_proxy\.access: GET /slow 499 ", proxy.log), proxy.log
+
+
+def with_open_file_limit(soft: int, hard: int, command: list[str]) -> list[str]:
+    """`command`, run with these limits on open files (set, then exec'd)."""
+    code = (
+        "import os, resource, sys; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+        "os.execv(sys.argv[3], sys.argv[3:])"
+    )
+    return [sys.executable, "-c", code, str(soft), str(hard), *command]
+
+
+def open_file_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open file limit for {pid}")
+
+
+async def test_run_raises_its_open_file_limit_to_the_hard_limit(
+    tmp_path: Path, standins: Standins
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 512:
+        pytest.skip(f"a hard limit of {hard} open files leaves nothing to raise")
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["log"] = {"format": "text", "level": "debug"}
+    config = write_config(tmp_path / "limit.yaml", document)
+    command = with_open_file_limit(256, hard, [console_script(), "run", "--config", str(config)])
+    async with running_command(command, subprocess_env()) as proxy:
+        assert open_file_limits(proxy.process.pid) == (hard, hard)
+        assert await proxy.stop() == 0
+    assert f"Open file limit raised from 256 to {hard}, the hard limit." in proxy.log
+
+
+async def test_accepting_without_descriptors_left_is_logged_once_not_per_attempt(
+    tmp_path: Path, standins: Standins
+) -> None:
+    config = write_config(
+        tmp_path / "limit.yaml", settings_document(standins.token_url, standins.upstream_url)
+    )
+    # asyncio's own loop is the one that reports each failed accept (uvloop reports none).
+    async with running_proxy(config, "--loop", "asyncio") as proxy:
+        pid = proxy.process.pid
+        room = len(os.listdir(f"/proc/{pid}/fd")) + 8
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (room, room))
+        host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
+        idle = [await asyncio.open_connection(host, int(port)) for _ in range(40)]
+        await proxy.wait_for_log("Cannot accept new connections")
+
+        for _, writer in idle:
+            writer.close()
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{proxy.proxy_url}/version") as response,
+        ):
+            assert response.status == 200  # served again once connections closed
+        assert await proxy.stop() == 0
+    assert proxy.log.count("Cannot accept new connections") == 1
+    assert "out of system resource" not in proxy.log
+    assert "Traceback" not in proxy.log, proxy.log
