@@ -216,7 +216,7 @@ async def test_a_client_slow_to_send_its_request_head_is_closed_while_others_are
     standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
 ) -> None:
     document = settings_document(standins.token_url, standins.upstream_url)
-    document["client_header_timeout"] = 0.2
+    document["client_header_timeout"] = 0.5
     proxy = await start_proxy(Settings.model_validate(document))
     connections = []
     for url in (proxy.proxy_url, proxy.proxy_url, proxy.admin_url):
@@ -239,7 +239,7 @@ async def test_a_kept_alive_connection_gets_the_same_time_for_its_next_request_h
     standins: Standins, start_proxy: StartProxy
 ) -> None:
     document = settings_document(standins.token_url, standins.upstream_url)
-    document["client_header_timeout"] = 0.2
+    document["client_header_timeout"] = 0.5
     proxy = await start_proxy(Settings.model_validate(document))
     host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
