@@ -148,8 +148,12 @@ async def test_sigterm_turns_readyz_503_and_serves_on_for_the_drain_delay(
     document["shutdown"] = {"drain_delay": 3, "timeout": 5}
     config = write_config(tmp_path / "drain.yaml", document)
     async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
-        async with client.get(f"{proxy.admin_url}/readyz") as ready:
-            assert ready.status == 200
+        for _ in range(1000):  # ready once the token fetched at start is in hand
+            async with client.get(f"{proxy.admin_url}/readyz") as ready:
+                if ready.status == 200:
+                    break
+            await asyncio.sleep(0.01)
+        assert ready.status == 200
         proxy.process.send_signal(signal.SIGTERM)
         await proxy.wait_for_log("Draining")
         async with client.get(f"{proxy.admin_url}/readyz") as draining:
