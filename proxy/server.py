@@ -61,7 +61,7 @@ _QUIET_MALFORMED_REQUESTS = _QuietMalformedRequests()
 # What accept() fails with when no descriptor (or no kernel memory) is left for a connection.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How often the proxy says, at most, that it cannot accept connections.
-ACCEPT_FAILURES_INTERVAL = 60.0
+_ACCEPT_FAILURES_INTERVAL = 60.0
 
 
 class _AcceptFailures:
@@ -92,7 +92,7 @@ class _AcceptFailures:
             loop.default_exception_handler(context)
             return
         now = loop.time()
-        if self._said_at is not None and now - self._said_at < ACCEPT_FAILURES_INTERVAL:
+        if self._said_at is not None and now - self._said_at < _ACCEPT_FAILURES_INTERVAL:
             self._unsaid += 1
             return
         since = f" ({self._unsaid} more since it was last said)" if self._unsaid else ""
