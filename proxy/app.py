@@ -306,10 +306,10 @@ async def _observe_and_answer_errors(request: web.Request, handler: Handler) -> 
     try:
         response = await _answer(request, handler, record)
     except asyncio.CancelledError:
-        if request.transport is None:
-            # aiohttp cancels the handler of a client that hung up (handler_cancellation):
-            # 499 if its answer had not begun, else the status it was sent.
-            _count(request, record, request.get(SENT_STATUS, ClientGone.status))
+        # aiohttp cancels the handler of a client that hung up (handler_cancellation), and
+        # the stop what is still in flight after shutdown.timeout. Either way the answer
+        # ends here: 499 if it had not begun (nothing was sent), else the status it was sent.
+        _count(request, record, request.get(SENT_STATUS, ClientGone.status))
         raise
     finally:
         in_flight.discard(task)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -46,6 +47,10 @@ _SHOWN_CHARACTERS = 200
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     arguments = parser.parse_args(argv)
+    if arguments.command == "run":
+        # Until `run` handles SIGHUP as a reload, it waits; the console script held it
+        # already, before the imports, and this covers whoever calls `main` directly.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     if getattr(arguments, "loop", "auto") == "uvloop" and not has_uvloop():
         parser.error("--loop uvloop: uvloop is not installed; install skill-engine-proxy[speed]")
     # Until the config says how to log: text, for the person who started the command.

@@ -481,6 +481,9 @@ class Settings(_Section):
     """Largest request body (bytes, known length) kept to replay after an upstream 401."""
     unix_socket_mode: Annotated[int, BeforeValidator(_file_mode)] = 0o660
     """Permissions of the socket files of `unix:` listeners: who may connect."""
+    client_header_timeout: PositiveSeconds = 60.0
+    """Seconds a client connection gets to send a complete request head, from when it opens
+    or its previous answer ended; then it is closed (idle keep-alive ones too)."""
     log: LogSettings = LogSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
 

@@ -37,7 +37,7 @@ from proxy.logs import REQUEST_ID_HEADER, AccessRecord
 from proxy.metrics import Metrics
 from proxy.network import Outbound
 from proxy.routes import SCOPES_HEADER, TENANT_HEADER, Destination
-from proxy.tokens import Token, TokenKeeper
+from proxy.tokens import Token, TokenKeeper, TokenKey
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -472,7 +472,7 @@ class Forwarder:
             counters.passed.inc()
             return first
         try:
-            fresh = self._tokens.cached(key) or await self._tokens.fetch(key)
+            fresh = self._tokens.cached(key) or await self._fetch(exchange.request, key)
         except TokenUnavailable as exc:
             logger.warning("No new token to replay a request the upstream refused: %s", exc)
             fresh = token
@@ -501,7 +501,26 @@ class Forwarder:
             counters.hits.inc()
             return token
         counters.misses.inc()
-        return await self._tokens.fetch(key)
+        return await self._fetch(exchange.request, key)
+
+    async def _fetch(self, request: web.Request, key: TokenKey) -> Token:
+        """Wait for a token; when the stop cuts the wait short, `TokenUnavailable`.
+
+        The stop cancels what is still in flight once `shutdown.timeout` has passed; the
+        cancellation of a request whose client is still connected comes from nothing else.
+        A request still waiting for its token has not reached the upstream, so it can be
+        told the truth: no token could be had (503), rather than be cut off unanswered.
+        """
+        try:
+            return await self._tokens.fetch(key)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if request.transport is None or task is None:
+                raise  # the client went away
+            task.uncancel()
+        raise TokenUnavailable(
+            "The proxy is stopping, and no token came for this request within shutdown.timeout."
+        )
 
     async def _read_body(self, exchange: _Exchange) -> None:
         try:

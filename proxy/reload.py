@@ -31,7 +31,14 @@ logger = logging.getLogger("skill_engine_proxy")
 WATCH_INTERVAL = 1.0
 # Top-level settings a running process cannot change: they are bound into its listeners,
 # its token store, its sockets' permissions and its connection pools (proxies, TLS).
-RESTART_ONLY = ("listen", "admin_listen", "token_store", "unix_socket_mode", "network")
+RESTART_ONLY = (
+    "listen",
+    "admin_listen",
+    "token_store",
+    "unix_socket_mode",
+    "client_header_timeout",
+    "network",
+)
 
 Apply = Callable[[Settings], Awaitable[None]]
 Outcome = Callable[[bool], None]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -37,6 +39,8 @@ EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 # What is left of the shutdown once no request is in flight: closing idle connections.
 _CLOSE_TIMEOUT = 1.0
+# Connections the kernel queues for a listener before the proxy accepts them (aiohttp's).
+LISTEN_BACKLOG = 128
 
 
 class _QuietMalformedRequests(logging.Filter):
@@ -54,6 +58,69 @@ class _QuietMalformedRequests(logging.Filter):
 
 _QUIET_MALFORMED_REQUESTS = _QuietMalformedRequests()
 
+# What accept() fails with when no descriptor (or no kernel memory) is left for a connection.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# How often the proxy says, at most, that it cannot accept connections.
+_ACCEPT_FAILURES_INTERVAL = 60.0
+
+
+class _AcceptFailures:
+    """The event loop's exception handler: it says at most once a minute, in one line, that
+    the listeners cannot accept connections for want of descriptors, and hands every other
+    report to the loop's default handler.
+
+    asyncio reports every accept() that fails so, with a traceback, and tries again many
+    times a second: a few hundred idle clients under a low descriptor limit made megabytes
+    of log a second. (uvloop reports none: libuv closes such connections at once itself.)
+    Each failure also leaves a retry behind, due a second later, which fails again with a
+    traceback of its own when the listener has closed by then: those are dropped too.
+    """
+
+    def __init__(self) -> None:
+        self._said_at: float | None = None
+        self._unsaid = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        message = str(context.get("message"))
+        if isinstance(error, ValueError | OSError) and "_start_serving" in message:
+            logger.debug("A retry to accept on a closed listener failed: %s", error)
+            return
+        if not (
+            isinstance(error, OSError) and error.errno in _OUT_OF_RESOURCES and "accept" in message
+        ):
+            loop.default_exception_handler(context)
+            return
+        now = loop.time()
+        if self._said_at is not None and now - self._said_at < _ACCEPT_FAILURES_INTERVAL:
+            self._unsaid += 1
+            return
+        since = f" ({self._unsaid} more since it was last said)" if self._unsaid else ""
+        logger.error(
+            "Cannot accept new connections: %s, with an open file limit of %d%s. They wait "
+            "in the listen queue until some close; this is said at most once a minute.",
+            error.strerror,
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            since,
+        )
+        self._said_at, self._unsaid = now, 0
+
+
+def raise_open_file_limit() -> None:
+    """Raise the soft limit on open files to the hard limit, as nginx and Go's runtime do
+    at start: each client connection takes a descriptor (and a forwarded request one more
+    upstream), and the usual soft default of 1024 runs out long before the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        logger.debug("Open file limit: %d.", soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # macOS refuses its unlimited hard limit as a soft one
+        logger.debug("Open file limit: %d; raising it to the hard limit failed: %s", soft, exc)
+        return
+    logger.debug("Open file limit raised from %d to %d, the hard limit.", soft, hard)
+
 
 class ProxyServer:
     """The proxy and admin listeners of one process, with their shared metrics and phase."""
@@ -63,13 +130,11 @@ class ProxyServer:
         settings: Settings,
         *,
         clock: Clock | None = None,
-        reuse_port: bool = False,
-        sockets: Mapping[ListenAddress, socket.socket] | None = None,
+        sockets: Mapping[ListenAddress, Sequence[socket.socket]] | None = None,
     ) -> None:
-        """`reuse_port` and `sockets` are for workers: TCP listeners are bound with
-        SO_REUSEPORT beside the other workers', unix socket listeners are the supervisor's."""
+        """`sockets` are for workers: the listening sockets of each address, bound once by
+        the supervisor and accepted on by every worker."""
         self.settings = settings
-        self._reuse_port = reuse_port
         self._sockets = dict(sockets or {})
         server_logger = logging.getLogger("aiohttp.server")
         if _QUIET_MALFORMED_REQUESTS not in server_logger.filters:
@@ -77,9 +142,14 @@ class ProxyServer:
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
         self._proxy_app = create_proxy_app(settings, self.metrics, self.lifecycle, clock=clock)
+        # aiohttp's keep-alive timer runs from when a connection opens and from the end of
+        # each answer, until a complete request head has arrived: it bounds a client that
+        # sends its head slowly, or stops halfway (slowloris), as well as an idle one.
+        client_timeout = settings.client_header_timeout
         self._proxy = web.AppRunner(
             self._proxy_app,
             access_log=None,
+            keepalive_timeout=client_timeout,
             # The drain is the proxy's own (`stop`); aiohttp's would wait twice as long.
             shutdown_timeout=_CLOSE_TIMEOUT,
             # A client that hangs up cancels its request, and with it the upstream exchange.
@@ -90,6 +160,7 @@ class ProxyServer:
         self._admin = web.AppRunner(
             create_admin_app(self.metrics, self.lifecycle),
             access_log=None,
+            keepalive_timeout=client_timeout,
             shutdown_timeout=_CLOSE_TIMEOUT,
         )
         # Socket files this process created, with their inode: a successor started during
@@ -208,23 +279,17 @@ class ProxyServer:
 
         For a route's own listener, tell the router which sockets are that listener's.
         """
-        site: web.BaseSite
         inherited = self._sockets.get(address)
         if inherited is not None:
-            site = web.SockSite(runner, inherited)
+            sockets = list(inherited)
         elif address.path is not None:
-            site = web.SockSite(runner, bind_unix_socket(address, self.settings.unix_socket_mode))
+            sockets = [bind_unix_socket(address, self.settings.unix_socket_mode)]
         else:
-            site = web.TCPSite(
-                runner,
-                address.host,
-                address.port,
-                reuse_address=True,
-                reuse_port=self._reuse_port or None,
-            )
+            sockets = bind_tcp_sockets(address)
         before = set(runner.addresses)
         try:
-            await site.start()
+            for sock in sockets:
+                await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
         except OSError as exc:
             raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
         bound = [name for name in runner.addresses if name not in before]
@@ -238,6 +303,39 @@ class ProxyServer:
             return f"unix:{address.path}"
         host, port = bound[0][:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def bind_tcp_sockets(address: ListenAddress) -> list[socket.socket]:
+    """Sockets bound to each address `address.host` stands for, all on one port (the one
+    the OS chose, for port 0), not yet listening.
+
+    SO_REUSEADDR lets a restart bind while connections of the last run linger in TIME_WAIT.
+    SO_REUSEPORT is never set: with it, a second proxy could bind the same address and the
+    kernel would hand it a share of the connections, with its own tenant's token. An IPv6
+    socket takes only IPv6 (`::` does not also take IPv4), as asyncio's own servers do.
+    """
+    try:
+        found = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
+    sockets: list[socket.socket] = []
+    port = address.port
+    try:
+        for family, kind, protocol, _, where in dict.fromkeys(found):
+            sock = socket.socket(family, kind, protocol)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((where[0], port, *where[2:]))
+            port = sock.getsockname()[1]
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
+    return sockets
 
 
 def bind_unix_socket(address: ListenAddress, mode: int) -> socket.socket:
@@ -289,21 +387,36 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    """SIGTERM or SIGINT asks for a graceful stop; a second one ends the process at once."""
+    """SIGTERM or SIGINT asks for a graceful stop; a second one ends the process at once,
+    unless `escalate` is False."""
 
     def __init__(
-        self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, parent: int | None = None
+        self,
+        signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+        parent: int | None = None,
+        *,
+        escalate: bool = True,
     ) -> None:
         """`parent`: a file descriptor that turns readable when the process that started
-        this one is gone (a worker's supervisor); that stops this one too."""
+        this one is gone (a worker's supervisor); that stops this one too.
+
+        `escalate` False is for a worker: a stop signal sent to the whole process group
+        (systemd, `timeout`, `kill -TERM -PGID`) reaches it twice, directly and passed on
+        by the supervisor, and the second is no sign of impatience. Its supervisor is the
+        one that ends the workers at once, on a second signal of its own.
+        """
         self._signals = signals
         self._parent = parent
+        self._escalate = escalate
         self._received = asyncio.Event()
         self._loop = asyncio.get_running_loop()
 
     def __enter__(self) -> StopSignals:
         for signum in self._signals:
             self._loop.add_signal_handler(signum, self._on_signal, signum)
+        # A process may start with them blocked (a worker does): one sent meanwhile is
+        # delivered now, to the handler, rather than killing it before it could drain.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(self._signals))
         if self._parent is not None:
             self._loop.add_reader(self._parent, self._on_parent_gone)
         return self
@@ -311,6 +424,10 @@ class StopSignals:
     def __exit__(self, *_exc: object) -> None:
         for signum in self._signals:
             self._loop.remove_signal_handler(signum)
+            if not self._escalate:
+                # Stopped, and still exiting: a late one must not kill it with a status
+                # that tells the supervisor it failed.
+                signal.signal(signum, signal.SIG_IGN)
         if self._parent is not None:
             self._loop.remove_reader(self._parent)
 
@@ -326,6 +443,9 @@ class StopSignals:
     def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self._received.is_set():
+            if not self._escalate:
+                logger.debug("Received %s again; still draining.", name)
+                return
             logger.warning("Received %s again: exiting without draining.", name)
             os._exit(1)
         logger.info("Received %s.", name)
@@ -345,20 +465,23 @@ async def serve(
     worker, until its supervisor is gone), then drain and return. With `source`, reload
     on SIGHUP and when its files change. `options` go to `ProxyServer`."""
     configure_logging(settings.log, worker=worker)
+    raise_open_file_limit()
+    asyncio.get_running_loop().set_exception_handler(_AcceptFailures())
     server = ProxyServer(settings, **options)
 
     async def reconfigure(new: Settings) -> None:
         configure_logging(new.log, worker=worker)
         await server.reconfigure(new)
 
-    with StopSignals(stop_signals, parent) as signals:
+    with StopSignals(stop_signals, parent, escalate=worker is None) as signals:
         await server.start()
         reloader = None
         if source is not None:
             reloader = Reloader(source, settings, reconfigure, outcome=server.metrics.reloaded)
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
-            # A worker starts with SIGHUP blocked, so that it does not die of one before now.
+            # `run` starts with SIGHUP blocked, so that it does not die of one before now;
+            # one sent meanwhile is delivered now, and reloads.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
             reloader.start()
         try:
@@ -366,6 +489,8 @@ async def serve(
         finally:
             if reloader is not None:
                 loop.remove_signal_handler(signal.SIGHUP)
+                # Stopping: a reload would be pointless, and SIGHUP's default would kill.
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 await reloader.close()
         await server.drain()
         await server.stop()

@@ -3,9 +3,14 @@
 The supervisor (this process) prepares what the workers share, starts them, restarts one
 that dies, and on SIGTERM or SIGINT passes the signal on and waits for them to drain:
 
-- TCP listeners: every worker binds the same address with SO_REUSEPORT, and the kernel
-  spreads connections over them. A port 0 is chosen once, here, so that all bind the same.
-- Unix socket listeners: bound here, and handed to the workers.
+- Listeners: every address (TCP or unix socket) is bound once, here, and the listening
+  sockets are handed to the workers, which all accept on them. Binding once is what makes
+  a taken address fail: workers that each bound with SO_REUSEPORT would share the address
+  with any process of the same user that did the same, a second proxy for another tenant
+  included, and the kernel would split the connections between them. On a shared socket a
+  new connection wakes every waiting worker and the first to accept takes it (not a hash
+  of the client's address, as with SO_REUSEPORT), and connections queued while a worker
+  restarts wait for the others instead of being reset.
 - Tokens: through the configured token store; with the default `memory` store, through a
   file store in a private directory, so that one worker fetches and the others read.
 - Metrics: prometheus-client's multiprocess mode, in a private directory: every worker's
@@ -33,7 +38,13 @@ from proxy.config import ListenAddress, Settings, TokenStoreSettings
 from proxy.logs import configure_logging
 from proxy.metrics import MULTIPROCESS_DIRECTORY
 from proxy.reload import ConfigSource
-from proxy.server import bind_unix_socket, run_event_loop, serve
+from proxy.server import (
+    LISTEN_BACKLOG,
+    bind_tcp_sockets,
+    bind_unix_socket,
+    run_event_loop,
+    serve,
+)
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -56,11 +67,8 @@ def run_workers(source: ConfigSource, count: int, *, loop: str = "auto") -> int:
             settings = settings.model_copy(
                 update={"token_store": TokenStoreSettings(backend="file", path=tokens)}
             )
-        settings, held = _fixed_ports(settings)
         with contextlib.ExitStack() as stack:
-            for probe in held:
-                stack.callback(probe.close)
-            sockets = _unix_sockets(settings, stack)
+            settings, sockets = _listeners(settings, stack)
             logger.info(
                 "Starting %d workers; they share tokens through the %s token store and "
                 "metrics through %s.",
@@ -82,53 +90,47 @@ def _shared_directories() -> Iterator[tuple[Path, Path]]:
         shutil.rmtree(metrics, ignore_errors=True)
 
 
-def _fixed_ports(settings: Settings) -> tuple[Settings, list[socket.socket]]:
-    """`settings` with every port 0 replaced by one the OS chose, and the sockets that hold
-    those ports until the supervisor ends (bound, never listening: they take no traffic).
+Sockets = dict[ListenAddress, list[socket.socket]]
 
-    The main and admin listeners get a port each, even when both say port 0; routes that
-    name the same listener share its port.
+
+def _listeners(settings: Settings, stack: contextlib.ExitStack) -> tuple[Settings, Sockets]:
+    """Bind and listen on every listener of `settings`; the sockets are closed (and socket
+    files removed) when the supervisor ends.
+
+    Returns `settings` with each port 0 replaced by the port the OS chose, so that the
+    workers log and route by the real address; the main and admin listeners get a port
+    each even when both say 0, and routes that name the same listener share it.
     """
-    held: list[socket.socket] = []
+    sockets: Sockets = {}
 
-    def fixed(address: ListenAddress | None) -> ListenAddress | None:
-        if address is None or address.path is not None or address.port != 0:
-            return address
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        probe.bind((address.host, 0))
-        held.append(probe)
-        return ListenAddress(address.host, probe.getsockname()[1])
+    def bound(address: ListenAddress | None) -> ListenAddress | None:
+        if address is None:
+            return None
+        if address.path is not None:
+            sock = bind_unix_socket(address, settings.unix_socket_mode)
+            stack.callback(_remove_unix_socket, sock, address.path)
+            listening = [sock]
+        else:
+            listening = bind_tcp_sockets(address)
+            for sock in listening:
+                stack.callback(sock.close)
+            address = ListenAddress(address.host, listening[0].getsockname()[1])
+        for sock in listening:
+            sock.listen(LISTEN_BACKLOG)
+        sockets[address] = listening
+        return address
 
-    route_listeners = {route.listen: fixed(route.listen) for route in settings.routes}
-    routes = tuple(
+    update: dict[str, Any] = {
+        "listen": bound(settings.listen),
+        "admin_listen": bound(settings.admin_listen),
+    }
+    configured = dict.fromkeys(route.listen for route in settings.routes)
+    route_listeners = {address: bound(address) for address in configured}
+    update["routes"] = tuple(
         route.model_copy(update={"listen": route_listeners[route.listen]})
         for route in settings.routes
     )
-    update = {
-        "listen": fixed(settings.listen),
-        "admin_listen": fixed(settings.admin_listen),
-        "routes": routes,
-    }
-    return settings.model_copy(update=update), held
-
-
-def _unix_sockets(
-    settings: Settings, stack: contextlib.ExitStack
-) -> dict[ListenAddress, socket.socket]:
-    """Listening sockets for the unix socket addresses, removed when the supervisor ends."""
-    addresses = [settings.listen, settings.admin_listen]
-    addresses += [route.listen for route in settings.all_routes()]
-    sockets: dict[ListenAddress, socket.socket] = {}
-    for address in addresses:
-        if address is None or address.path is None or address in sockets:
-            continue
-        sock = bind_unix_socket(address, settings.unix_socket_mode)
-        sock.listen(128)
-        stack.callback(_remove_unix_socket, sock, address.path)
-        sockets[address] = sock
-    return sockets
+    return settings.model_copy(update=update), sockets
 
 
 def _remove_unix_socket(sock: socket.socket, path: str) -> None:
@@ -142,7 +144,7 @@ class _Supervisor:
         self,
         settings: Settings,
         count: int,
-        sockets: dict[ListenAddress, socket.socket],
+        sockets: Sockets,
         source: ConfigSource,
         loop: str,
     ) -> None:
@@ -163,6 +165,9 @@ class _Supervisor:
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_reload_signal)
+        # `run` blocked SIGHUP until now: one sent meanwhile is delivered here (and reaches
+        # no worker yet, which is no loss: they start with the config just read).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         try:
             for index in range(self._count):
                 self._start(index)
@@ -180,13 +185,15 @@ class _Supervisor:
             args=(self._settings, index, self._sockets, self._source, self._loop),
             name=f"skill-engine-proxy worker {index}",
         )
-        # A new process dies of SIGHUP until it can handle it: it starts with SIGHUP
-        # blocked (the mask is inherited), and unblocks it once its handler is in place.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # A new process dies of SIGHUP or SIGTERM until it can handle them: it starts with
+        # both blocked (the mask is inherited), and unblocks each once its handler is in
+        # place. One sent meanwhile waits until then.
+        held = {signal.SIGHUP, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
         try:
             process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
         self._workers[index] = process
         logger.info("Worker %d started (pid %d).", index, process.pid)
 
@@ -229,6 +236,9 @@ class _Supervisor:
         self._stop_all()
 
     def _on_reload_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        if self._stopping:
+            logger.info("Received SIGHUP while stopping; no reload.")
+            return
         logger.info("Received SIGHUP: the workers reload the config.")
         for process in self._workers.values():
             if process.is_alive():
@@ -236,6 +246,12 @@ class _Supervisor:
 
     def _stop_all(self) -> None:
         self._stopping = True
+        # Each worker holds a copy of every listening socket. Once the workers have closed
+        # theirs, connecting must be refused at once, not left waiting in a queue that
+        # this process holds open and nobody accepts from any more.
+        for sockets in self._sockets.values():
+            for sock in sockets:
+                sock.close()
         for process in self._workers.values():
             if process.is_alive():
                 os.kill(process.pid, signal.SIGTERM)
@@ -258,7 +274,7 @@ def _forget_metrics(pid: int | None) -> None:
 def _worker(
     settings: Settings,
     index: int,
-    sockets: dict[ListenAddress, socket.socket],
+    sockets: Sockets,
     source: ConfigSource,
     loop: str,
 ) -> None:
@@ -275,7 +291,6 @@ def _worker(
             parent=None if supervisor is None else supervisor.sentinel,
             source=source,
             worker=index,
-            reuse_port=True,
             sockets=sockets,
         ),
         loop,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -171,6 +172,26 @@ def alias_bomb(levels: int) -> str:
 def write_config(path: Path, document: dict[str, Any]) -> Path:
     path.write_text(json.dumps(document))  # JSON is YAML
     return path
+
+
+async def opened_by_reader(fifo: Path, process: asyncio.subprocess.Process) -> int:
+    """A descriptor to write to `fifo`, once `process` opened it to read (a config file
+    that is a FIFO holds the process in its loading until the test writes it)."""
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        assert process.returncode is None
+        await asyncio.sleep(0.01)
+
+
+def write_and_close(descriptor: int, document: dict[str, Any]) -> None:
+    try:
+        os.write(descriptor, json.dumps(document).encode())  # less than a pipe holds
+    finally:
+        os.close(descriptor)
 
 
 def proxy_command(*arguments: str) -> list[str]:

@@ -11,7 +11,7 @@ from yarl import URL
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import SECRET, TENANT, sample, samples
+from tests.support import SECRET, TENANT, eventually, sample, samples
 
 
 async def scrape(client: aiohttp.ClientSession, proxy: ProxyServer) -> str:
@@ -28,6 +28,8 @@ def tenant_sample(text: str, name: str, **labels: str) -> float:
 async def test_health_and_readiness(proxy: ProxyServer, client: aiohttp.ClientSession) -> None:
     async with client.get(f"{proxy.admin_url}/healthz") as response:
         assert response.status == 200
+    # Listening comes first; ready once the token fetched at start is in hand.
+    await eventually(lambda: proxy.lifecycle.token_problem() is None, "the first token")
     async with client.get(f"{proxy.admin_url}/readyz") as response:
         assert response.status == 200
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import resource
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,14 +23,21 @@ from proxy import __version__
 from proxy.server import has_uvloop
 from tests.conftest import Standins, StartStandins
 from tests.support import (
+    LISTENING,
     SECRET,
     HeldRoute,
+    Running,
     alias_bomb,
     collect_lines,
+    console_script,
+    opened_by_reader,
     proxy_command,
+    running_command,
     running_proxy,
+    sample,
     settings_document,
     subprocess_env,
+    write_and_close,
     write_config,
 )
 
@@ -142,8 +152,12 @@ async def test_sigterm_turns_readyz_503_and_serves_on_for_the_drain_delay(
     document["shutdown"] = {"drain_delay": 3, "timeout": 5}
     config = write_config(tmp_path / "drain.yaml", document)
     async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
-        async with client.get(f"{proxy.admin_url}/readyz") as ready:
-            assert ready.status == 200
+        for _ in range(1000):  # ready once the token fetched at start is in hand
+            async with client.get(f"{proxy.admin_url}/readyz") as ready:
+                if ready.status == 200:
+                    break
+            await asyncio.sleep(0.01)
+        assert ready.status == 200
         proxy.process.send_signal(signal.SIGTERM)
         await proxy.wait_for_log("Draining")
         async with client.get(f"{proxy.admin_url}/readyz") as draining:
@@ -447,3 +461,184 @@ async def test_200_mib_streams_each_way_without_the_proxy_growing_with_it(
         growth_mib = (_vm_kib(proxy.process.pid, "VmHWM") - baseline) / 1024
         assert growth_mib < 32, f"the proxy grew by {growth_mib:.0f} MiB for 200 MiB each way"
         assert await proxy.stop() == 0
+
+
+async def test_a_sighup_while_run_starts_becomes_a_reload_not_its_end(
+    tmp_path: Path, standins: Standins
+) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    document = settings_document(standins.token_url, standins.upstream_url)
+    process = await asyncio.create_subprocess_exec(
+        console_script(),
+        *("run", "--config", str(fifo)),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    assert process.stderr is not None
+    proxy = Running(process)
+    reader = asyncio.create_task(collect_lines(process.stderr, proxy.stderr))
+    try:
+        # Reading its config: past its imports, before its SIGHUP handler is in place.
+        config = await opened_by_reader(fifo, process)
+        process.send_signal(signal.SIGHUP)
+        write_and_close(config, document)
+        await proxy.wait_for_log("Listening on")
+        # The SIGHUP waited for the handler, and reloads: the config is read again.
+        write_and_close(await opened_by_reader(fifo, process), document)
+        await proxy.wait_for_log("Reloaded the config")
+
+        match = LISTENING.search(proxy.log)
+        assert match, proxy.log
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{match.group(1)}/version") as response,
+        ):
+            assert response.status == 200
+        assert await proxy.stop() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await reader
+
+
+async def test_run_holds_sighup_before_it_imports_the_proxy() -> None:
+    # Importing proxy.cli takes about half a second: SIGHUP's default action must not
+    # have that long to end the process. The mask is read as the import begins.
+    code = """if True:
+        import importlib.abc, signal, sys
+        import proxy.__main__ as entry
+
+        class Watch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "proxy.cli":
+                    held = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+                    print("held" if signal.SIGHUP in held else "not held", flush=True)
+                return None
+
+        sys.meta_path.insert(0, Watch())
+        sys.argv = ["skill-engine-proxy", "run"]
+        entry.main()
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert stdout.decode().split() == ["held"]
+
+
+async def until_in_flight(client: aiohttp.ClientSession, admin_url: str, count: int) -> None:
+    for _ in range(1000):
+        async with client.get(f"{admin_url}/metrics") as response:
+            text = await response.text()
+        if sample(text, "skill_engine_proxy_requests_in_flight") >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {count} requests in flight")
+
+
+async def test_a_request_still_waiting_for_a_token_when_the_stop_gives_up_gets_503(
+    tmp_path: Path, standins: Standins
+) -> None:
+    standins.tokens.gate.clear()  # the token endpoint never answers
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["shutdown"] = {"drain_delay": 0, "timeout": 0.5}
+    config = write_config(tmp_path / "stop.yaml", document)
+    async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
+        waiting = asyncio.create_task(client.get(f"{proxy.proxy_url}/version"))
+        await until_in_flight(client, proxy.admin_url, 1)
+        proxy.process.send_signal(signal.SIGTERM)
+        async with await waiting as response:
+            assert response.status == 503
+            assert (await response.json())["error"] == "token_unavailable"
+            assert response.headers["X-Skill-Engine-Proxy-Error"] == "token_unavailable"
+        assert await asyncio.wait_for(proxy.process.wait(), timeout=30) == 0
+    assert "1 requests still in flight after 0.5 s" in proxy.log
+    assert re.search(r"skill_engine_proxy\.access: GET /version 503 ", proxy.log), proxy.log
+
+
+async def test_a_request_the_stop_cuts_off_upstream_is_closed_and_logged_as_499(
+    tmp_path: Path, start_standins: StartStandins
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["shutdown"] = {"drain_delay": 0, "timeout": 0.5}
+    config = write_config(tmp_path / "stop.yaml", document)
+    async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
+        cut_off = asyncio.create_task(client.get(f"{proxy.proxy_url}/slow"))
+        await held.arrived.wait()
+        proxy.process.send_signal(signal.SIGTERM)
+        # The upstream may have acted on it: no answer rather than one that says otherwise.
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await cut_off
+        assert await asyncio.wait_for(proxy.process.wait(), timeout=30) == 0
+    assert re.search(r"skill_engine_proxy\.access: GET /slow 499 ", proxy.log), proxy.log
+
+
+def with_open_file_limit(soft: int, hard: int, command: list[str]) -> list[str]:
+    """`command`, run with these limits on open files (set, then exec'd)."""
+    code = (
+        "import os, resource, sys; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2]))); "
+        "os.execv(sys.argv[3], sys.argv[3:])"
+    )
+    return [sys.executable, "-c", code, str(soft), str(hard), *command]
+
+
+def open_file_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no open file limit for {pid}")
+
+
+async def test_run_raises_its_open_file_limit_to_the_hard_limit(
+    tmp_path: Path, standins: Standins
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 512:
+        pytest.skip(f"a hard limit of {hard} open files leaves nothing to raise")
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["log"] = {"format": "text", "level": "debug"}
+    config = write_config(tmp_path / "limit.yaml", document)
+    command = with_open_file_limit(256, hard, [console_script(), "run", "--config", str(config)])
+    async with running_command(command, subprocess_env()) as proxy:
+        assert open_file_limits(proxy.process.pid) == (hard, hard)
+        assert await proxy.stop() == 0
+    assert f"Open file limit raised from 256 to {hard}, the hard limit." in proxy.log
+
+
+async def test_accepting_without_descriptors_left_is_logged_once_not_per_attempt(
+    tmp_path: Path, standins: Standins
+) -> None:
+    config = write_config(
+        tmp_path / "limit.yaml", settings_document(standins.token_url, standins.upstream_url)
+    )
+    # asyncio's own loop is the one that reports each failed accept (uvloop reports none).
+    async with running_proxy(config, "--loop", "asyncio") as proxy:
+        pid = proxy.process.pid
+        room = len(os.listdir(f"/proc/{pid}/fd")) + 8
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (room, room))
+        host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
+        idle = [await asyncio.open_connection(host, int(port)) for _ in range(40)]
+        await proxy.wait_for_log("Cannot accept new connections")
+
+        for _, writer in idle:
+            writer.close()
+        async with (
+            aiohttp.ClientSession() as client,
+            client.get(f"{proxy.proxy_url}/version") as response,
+        ):
+            assert response.status == 200  # served again once connections closed
+        assert await proxy.stop() == 0
+    assert proxy.log.count("Cannot accept new connections") == 1
+    assert "out of system resource" not in proxy.log
+    assert "Traceback" not in proxy.log, proxy.log

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import stat
 from pathlib import Path
@@ -203,3 +204,51 @@ async def test_unix_sockets_get_the_configured_mode(
     await start_proxy(Settings.model_validate(document))
     for name in ("proxy.sock", "admin.sock"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    """All the server sends until it closes the connection (long before the test's own
+    timeout, where a client that is slow to send its head is dropped)."""
+    return await asyncio.wait_for(reader.read(), timeout=30)
+
+
+async def test_a_client_slow_to_send_its_request_head_is_closed_while_others_are_served(
+    standins: Standins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["client_header_timeout"] = 0.5
+    proxy = await start_proxy(Settings.model_validate(document))
+    connections = []
+    for url in (proxy.proxy_url, proxy.proxy_url, proxy.admin_url):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        connections.append(await asyncio.open_connection(host, int(port)))
+    (half, half_writer), (silent, _), (admin, admin_writer) = connections
+    half_writer.write(b"GET /version HTTP/1.1\r\nHost: proxy\r\n")  # no blank line: unfinished
+    admin_writer.write(b"GET /metrics HTTP/1.1\r\n")
+
+    async with client.get(f"{proxy.proxy_url}/version") as response:
+        assert response.status == 200
+    assert await closed_by_server(half) == b""
+    assert await closed_by_server(silent) == b""
+    assert await closed_by_server(admin) == b""
+    for _, writer in connections:
+        writer.close()
+
+
+async def test_a_kept_alive_connection_gets_the_same_time_for_its_next_request_head(
+    standins: Standins, start_proxy: StartProxy
+) -> None:
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["client_header_timeout"] = 0.5
+    proxy = await start_proxy(Settings.model_validate(document))
+    host, port = proxy.proxy_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /version HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+    await reader.readexactly(length)
+
+    writer.write(b"GET /version HTTP/1.1\r\n")
+    assert await closed_by_server(reader) == b""
+    writer.close()

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import Standins
+from tests.conftest import Standins, StartStandins
 from tests.support import (
     TENANT,
+    HeldRoute,
+    opened_by_reader,
     proxy_command,
     sample,
     samples,
     settings_document,
     subprocess_env,
+    write_and_close,
     write_config,
 )
 
@@ -45,14 +50,15 @@ class Supervisor:
         raise AssertionError(f"never logged {pattern!r}:\n{self.log}")
 
 
-@pytest.fixture
-async def supervisor(tmp_path: Path, standins: Standins) -> AsyncIterator[Supervisor]:
-    document = settings_document(standins.token_url, standins.upstream_url)
-    config = write_config(tmp_path / "workers.yaml", document)
+@asynccontextmanager
+async def workers(config: Path, count: int = 2) -> AsyncIterator[Supervisor]:
+    """`run --workers` in a session of its own (its own process group, as under systemd),
+    killed with its workers afterwards if it still runs."""
     process = await asyncio.create_subprocess_exec(
-        *proxy_command("run", "--config", str(config), "--workers", "2"),
+        *proxy_command("run", "--config", str(config), "--workers", str(count)),
         stderr=asyncio.subprocess.PIPE,
         env=subprocess_env(),
+        start_new_session=True,
     )
     supervisor = Supervisor(process)
 
@@ -62,11 +68,21 @@ async def supervisor(tmp_path: Path, standins: Standins) -> AsyncIterator[Superv
             supervisor.lines.append(line.decode())
 
     collecting = asyncio.create_task(collect())
-    yield supervisor
-    if process.returncode is None:
-        process.kill()
+    try:
+        yield supervisor
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the whole group: workers too
+            os.killpg(process.pid, signal.SIGKILL)
         await process.wait()
-    await collecting
+        await collecting
+
+
+@pytest.fixture
+async def supervisor(tmp_path: Path, standins: Standins) -> AsyncIterator[Supervisor]:
+    document = settings_document(standins.token_url, standins.upstream_url)
+    config = write_config(tmp_path / "workers.yaml", document)
+    async with workers(config) as supervisor:
+        yield supervisor
 
 
 ACCESS_LINE = r"skill_engine_proxy\.access \[worker (\d)\]: GET /version 200"
@@ -205,3 +221,101 @@ async def test_workers_share_a_unix_socket(tmp_path: Path, standins: Standins) -
     assert process.returncode == 0
     assert not path.exists()
     assert not route_path.exists()
+
+
+@pytest.mark.parametrize("shared", ["listen", "admin_listen"])
+async def test_a_second_proxy_on_a_taken_address_exits_1_and_the_first_keeps_it(
+    tmp_path: Path, start_standins: StartStandins, shared: str
+) -> None:
+    ours, theirs = await start_standins(), await start_standins()
+    first_config = write_config(
+        tmp_path / "first.yaml", settings_document(ours.token_url, ours.upstream_url)
+    )
+    async with workers(first_config) as first:
+        proxy_url, admin_url = await listening(first)
+        document = settings_document(theirs.token_url, theirs.upstream_url, tenant="another")
+        document[shared] = (proxy_url if shared == "listen" else admin_url).removeprefix("http://")
+        async with workers(write_config(tmp_path / "second.yaml", document)) as second:
+            assert await asyncio.wait_for(second.process.wait(), timeout=30) == 1
+        assert f"Cannot listen on {document[shared]}" in second.log
+        assert "Worker 0 started" not in second.log
+
+        # A new connection per request: none of them reaches the other proxy.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(50):
+                async with session.get(f"{proxy_url}/version") as response:
+                    assert response.status == 200
+        assert len(ours.skill_engine.received) == 50
+        assert not theirs.skill_engine.received
+        assert not theirs.tokens.requests
+
+
+async def refuses_connections(url: str) -> bool:
+    """Whether connecting to `url` is refused, once the listeners had a moment to close."""
+    host, _, port = url.removeprefix("http://").rpartition(":")
+    for _ in range(500):
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+        except ConnectionRefusedError:
+            return True
+        except TimeoutError:
+            continue
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_sigterm_to_the_whole_process_group_drains_and_exits_0(
+    tmp_path: Path, start_standins: StartStandins
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    document = settings_document(standins.token_url, standins.upstream_url)
+    async with (
+        workers(write_config(tmp_path / "group.yaml", document)) as supervisor,
+        aiohttp.ClientSession() as client,
+    ):
+        proxy_url, _ = await listening(supervisor)
+
+        async def slow_call() -> tuple[int, str]:
+            async with client.get(f"{proxy_url}/slow") as response:
+                return response.status, await response.text()
+
+        in_flight = asyncio.create_task(slow_call())
+        await held.arrived.wait()
+        # As systemd, `timeout` or `kill -TERM -PGID` do: each worker gets SIGTERM
+        # directly, and again from the supervisor. The supervisor is held meanwhile, so
+        # that its SIGTERM reaches each worker after the worker's own, never merged with it.
+        os.kill(supervisor.process.pid, signal.SIGSTOP)
+        os.killpg(supervisor.process.pid, signal.SIGTERM)
+        await supervisor.wait_for(r"\[worker \d\]: Received SIGTERM\.", 2)
+        os.kill(supervisor.process.pid, signal.SIGCONT)
+        await supervisor.wait_for(r"Received SIGTERM: the workers drain and stop")
+        await supervisor.wait_for(r"\[worker \d\]: Stopping: no new connections", 2)
+        assert await refuses_connections(proxy_url)
+
+        held.release.set()
+        assert await in_flight == (200, "finished")
+        assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
+    assert "without draining" not in supervisor.log
+    assert "exited with status" not in supervisor.log
+
+
+async def test_a_sighup_while_the_supervisor_starts_does_not_end_it(
+    tmp_path: Path, standins: Standins
+) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    document = settings_document(standins.token_url, standins.upstream_url)
+    async with workers(fifo) as supervisor:
+        # Reading its config: past its imports, before its SIGHUP handler is in place.
+        config = await opened_by_reader(fifo, supervisor.process)
+        supervisor.process.send_signal(signal.SIGHUP)
+        write_and_close(config, document)
+        proxy_url, _ = await listening(supervisor)
+        async with aiohttp.ClientSession() as client, client.get(f"{proxy_url}/version") as got:
+            assert got.status == 200
+        supervisor.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
