@@ -27,7 +27,7 @@ from proxy.app import (
 )
 from proxy.config import ListenAddress, Settings
 from proxy.errors import ListenError
-from proxy.logs import configure_logging
+from proxy.logs import access_log, configure_logging
 from proxy.metrics import Metrics
 from proxy.reload import ConfigSource, Reloader
 from proxy.tokens import Clock, TokenKeeper
@@ -447,6 +447,7 @@ class StopSignals:
                 logger.debug("Received %s again; still draining.", name)
                 return
             logger.warning("Received %s again: exiting without draining.", name)
+            access_log.flush()  # os._exit skips the flush at exit
             os._exit(1)
         logger.info("Received %s.", name)
         self._received.set()

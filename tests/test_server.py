@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import re
+import signal
 import socket
 import stat
+import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from proxy.config import ListenAddress, Settings, ShutdownSettings
+from proxy.config import ListenAddress, LogSettings, Settings, ShutdownSettings
 from proxy.errors import ListenError
-from proxy.server import ProxyServer
+from proxy.logs import AccessRecord, access_log
+from proxy.server import ProxyServer, StopSignals
 from tests.conftest import Standins, StartProxy, StartStandins
 from tests.support import HeldRoute, raw_exchange, settings_document
 
@@ -252,3 +256,21 @@ async def test_a_kept_alive_connection_gets_the_same_time_for_its_next_request_h
     writer.write(b"GET /version HTTP/1.1\r\n")
     assert await closed_by_server(reader) == b""
     writer.close()
+
+
+async def test_an_impatient_second_signal_still_writes_the_waiting_access_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    access_log.configure(LogSettings(format="json"), stream, worker=None)
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)  # the process edge, not the event loop
+    try:
+        stops = StopSignals(signals=(signal.SIGUSR1,))
+        stops._on_signal(signal.SIGUSR1)
+        access_log.write(AccessRecord.begin("id"), method="GET", path="/", status=200, tenant="t")
+        stops._on_signal(signal.SIGUSR1)  # before the event loop's turn ends
+        assert exits == [1]
+        assert '"path":"/"' in stream.getvalue().replace(" ", "")
+    finally:
+        access_log.configure(LogSettings(access=False), sys.stderr, None)
