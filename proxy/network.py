@@ -75,7 +75,12 @@ class Outbound:
     def __init__(self, settings: NetworkSettings) -> None:
         self.settings = settings
         self.token_tls = tls_context(settings, for_upstream=False)
-        self.upstream_tls = tls_context(settings, for_upstream=True)
+        # One context where the two would be alike: each holds the system's CAs (most of a MiB).
+        self.upstream_tls = (
+            tls_context(settings, for_upstream=True)
+            if settings.client_cert is not None or settings.insecure_skip_verify
+            else self.token_tls
+        )
         # Read once: the proxy's environment does not change while it runs.
         self._environment = urllib.request.getproxies_environment() if settings.trust_env else {}
         self._variables = {

@@ -823,3 +823,13 @@ def test_the_network_defaults_are_the_contract_ones() -> None:
     assert network.client_cert is None
     assert network.client_key is None
     assert network.insecure_skip_verify is False
+
+
+def test_the_token_endpoint_and_upstream_share_one_tls_context_when_alike() -> None:
+    """Each context holds the system's CAs: two alike would cost memory for nothing."""
+    plain = Outbound(NetworkSettings())
+    assert plain.upstream_tls is plain.token_tls
+
+    insecure = Outbound(NetworkSettings(insecure_skip_verify=True))
+    assert insecure.upstream_tls is not insecure.token_tls
+    assert insecure.token_tls.verify_mode == ssl.CERT_REQUIRED
