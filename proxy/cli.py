@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(path)
         if arguments.command == "check":
             return asyncio.run(check(settings, sys.stdout))
+        configure_logging(settings.log)
         source = ConfigSource(path, settings)
         if arguments.workers > 1:
             # Each worker chooses its proxies too; an unusable proxy variable stops this

@@ -231,7 +231,9 @@ class _Supervisor:
             name = signal.Signals(signum).name
             logger.warning("Received %s again: stopping the workers at once.", name)
             self._kill_all()
-            os._exit(_EXIT_FAILED)
+            # Unwinds, rather than os._exit: the shared directories, which hold the token,
+            # are still removed on the way out.
+            raise SystemExit(_EXIT_FAILED)
         logger.info("Received %s: the workers drain and stop.", signal.Signals(signum).name)
         self._stop_all()
 

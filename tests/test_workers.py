@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
+import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -319,3 +321,34 @@ async def test_a_sighup_while_the_supervisor_starts_does_not_end_it(
             assert got.status == 200
         supervisor.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
+
+
+async def test_a_second_signal_stops_at_once_and_leaves_no_token_behind(
+    supervisor: Supervisor,
+) -> None:
+    tokens_before = set(Path(tempfile.gettempdir()).glob("skill-engine-proxy-tokens-*"))
+    proxy_url, _ = await listening(supervisor)
+    metrics_dir = (await supervisor.wait_for(r"metrics through (\S+)\."))[0].group(1)
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy_url}/version") as answer:
+        assert answer.status == 200  # the token is in the shared directory now
+
+    supervisor.process.send_signal(signal.SIGTERM)
+    await supervisor.wait_for(r"the workers drain and stop")
+    supervisor.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 1
+    assert "stopping the workers at once" in supervisor.log
+    assert not Path(metrics_dir).exists()
+    assert set(Path(tempfile.gettempdir()).glob("skill-engine-proxy-tokens-*")) <= tokens_before
+
+
+async def test_the_supervisor_logs_in_the_configured_format(
+    tmp_path: Path, standins: Standins
+) -> None:
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["log"] = {"format": "json"}
+    async with workers(write_config(tmp_path / "json.yaml", document)) as supervisor:
+        await supervisor.wait_for(r'"message": "Listening on', 2)
+        supervisor.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
+    for line in supervisor.lines:
+        assert isinstance(json.loads(line), dict), line
