@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -224,8 +225,16 @@ def new_upstream_session(outbound: Outbound) -> aiohttp.ClientSession:
 
 def logged_path(request: web.Request) -> str:
     """The path as the client sent it, without the query: still percent-encoded, so a
-    `%0A` cannot forge a log line, and no query value reaches the logs."""
-    return request.raw_path.partition("?")[0]
+    `%0A` cannot forge a log line, and no query value reaches the logs. An absolute-form
+    target (refused) loses the credentials it may carry (`http://user:password@host/`)."""
+    path = request.raw_path.partition("?")[0]
+    if path.startswith("/"):
+        return path
+    return _USERINFO.sub(lambda match: match.group(1) or "", path)
+
+
+# The user:password@ of an absolute URL or an authority (RFC 3986 3.2.1).
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#@]*@")
 
 
 def check_request(request: web.Request) -> None:
@@ -251,7 +260,7 @@ def check_request(request: web.Request) -> None:
         raise BadRequest(
             "The proxy forwards origin-form requests (a path such as /version, without a "
             f"fragment) to its configured upstream; it does not accept {request.method} "
-            f"{target.partition('?')[0][:100]!r}."
+            f"{logged_path(request)[:100]!r}."
         )
     if not only_chunked(request.headers):
         # RFC 9112 6.1: aiohttp undoes only chunked; forwarding the rest as plain chunked
@@ -415,7 +424,9 @@ class Forwarder:
             RequestBody(request, upstream.read_timeout, self.replay_body_limit),
             record,
         )
-        if record.generated:
+        if REQUEST_ID_HEADER not in exchange.headers:
+            # The proxy's own id, or the client's where its Connection header kept it from
+            # being forwarded: the upstream sees the id the access line shows.
             exchange.headers[REQUEST_ID_HEADER] = record.request_id
         try:
             return await self._exchange(exchange)

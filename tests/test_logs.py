@@ -435,3 +435,38 @@ async def test_a_request_id_that_is_not_utf8_is_logged_escaped_and_answered(
         assert line["status"] == 400
     else:
         assert "request_id=a\\xff\n" in output.getvalue()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"http://user:hunter2@elsewhere.example/x?q=1", b"user:hunter2@elsewhere.example:443"],
+)
+async def test_credentials_in_a_refused_target_reach_no_log_and_no_answer(
+    target: bytes, capture_logs: Capture, proxy: ProxyServer
+) -> None:
+    output = capture_logs(level="debug", format="json")
+    method = b"CONNECT" if b"://" not in target else b"GET"
+    response = await raw_exchange(
+        proxy.proxy_url,
+        method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert response.status == 400
+    await asyncio.sleep(0)
+    assert "hunter2" not in output.getvalue()
+    assert b"hunter2" not in response.body
+    (line,) = access_lines(output)
+    assert "elsewhere.example" in line["path"]
+
+
+async def test_a_request_id_the_connection_header_names_still_reaches_the_upstream(
+    capture_logs: Capture, standins: Standins, proxy: ProxyServer
+) -> None:
+    output = capture_logs(format="json")
+    await raw_exchange(
+        proxy.proxy_url,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close, X-Request-ID\r\n"
+        b"X-Request-ID: mine\r\n\r\n",
+    )
+    await asyncio.sleep(0)
+    assert standins.skill_engine.received[-1].header_values("X-Request-ID") == ["mine"]
+    assert access_lines(output)[0]["request_id"] == "mine"
