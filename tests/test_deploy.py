@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
 from proxy.config import Settings, load_settings
+from proxy.reload import RESTART_ONLY
 from proxy.standins import Answer
 from proxy.tokens import BACKOFF_CAP
 from tests.conftest import Standins, StartProxy, StartStandins
@@ -415,6 +416,13 @@ def test_the_kustomization_lists_every_manifest_but_the_secret_example(layout: s
 
     [image] = kustomization["images"]
     assert (image["name"], image["newTag"]) == ("skill-engine-proxy", __version__)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_configmap_names_every_setting_that_needs_a_restart(layout: str) -> None:
+    comment = (KUBERNETES / layout / "configmap.yaml").read_text().partition("apiVersion")[0]
+    words = set(re.findall(r"[a-z_]+", comment))
+    assert set(RESTART_ONLY) <= words
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
