@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Until `run` handles SIGHUP as a reload, it waits; the console script held it
         # already, before the imports, and this covers whoever calls `main` directly.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    if getattr(arguments, "loop", "auto") == "uvloop" and not has_uvloop():
+    if arguments.command == "run" and arguments.loop == "uvloop" and not has_uvloop():
         parser.error("--loop uvloop: uvloop is not installed; install skill-engine-proxy[speed]")
     # Until the config says how to log: text, for the person who started the command.
     configure_logging(

@@ -509,14 +509,10 @@ def run_event_loop(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
 
 
 def _loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    if loop == "asyncio":
+    if loop == "asyncio" or (loop == "auto" and not has_uvloop()):
         return None
-    try:
-        import uvloop
-    except ImportError:
-        if loop == "uvloop":
-            raise
-        return None
+    import uvloop
+
     return uvloop.new_event_loop
 
 
