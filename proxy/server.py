@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import resource
@@ -120,6 +121,31 @@ def raise_open_file_limit() -> None:
         logger.debug("Open file limit: %d; raising it to the hard limit failed: %s", soft, exc)
         return
     logger.debug("Open file limit raised from %d to %d, the hard limit.", soft, hard)
+
+
+# The collector's youngest generation is collected once this many more container objects
+# have been made than freed. CPython's default, 700, is passed every few requests under
+# concurrent load by the objects of the requests in flight alone: the collector ran about
+# 140 times a second at 64 connections (bench/), scanning objects still in use, for about
+# a tenth of the process's CPU time. The proxy makes almost no cyclic garbage, so a rarer
+# collection costs little memory: at most this many objects wait for it.
+YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
+def settle_garbage_collector() -> None:
+    """Once started: collect what start-up left, move every object that remains (modules,
+    config, clients) out of the collector's sight for good (`gc.freeze`, as servers that
+    fork do), and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(max(young, YOUNG_COLLECTION_THRESHOLD), middle, old)
+
+
+def release_frozen_objects() -> None:
+    """After a reload: what the old config held may be garbage now, so the objects frozen
+    at start return to the collector's oldest generation, to be collected as usual."""
+    gc.unfreeze()
 
 
 class ProxyServer:
@@ -473,9 +499,11 @@ async def serve(
     async def reconfigure(new: Settings) -> None:
         configure_logging(new.log, worker=worker)
         await server.reconfigure(new)
+        release_frozen_objects()
 
     with StopSignals(stop_signals, parent, escalate=worker is None) as signals:
         await server.start()
+        settle_garbage_collector()
         reloader = None
         if source is not None:
             reloader = Reloader(source, settings, reconfigure, outcome=server.metrics.reloaded)

@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -274,3 +275,35 @@ async def test_an_impatient_second_signal_still_writes_the_waiting_access_lines(
         assert '"path":"/"' in stream.getvalue().replace(" ", "")
     finally:
         access_log.configure(LogSettings(access=False), sys.stderr, None)
+
+
+def test_once_started_the_collector_skips_start_up_objects_until_a_reload() -> None:
+    """`serve` settles the collector after start and releases it after each reload; run in
+    a process of its own, as freezing would reach every later test in this one."""
+    script = """
+import gc
+import weakref
+from proxy.server import (
+    YOUNG_COLLECTION_THRESHOLD, release_frozen_objects, settle_garbage_collector,
+)
+class Node:
+    pass
+node = Node()
+node.itself = node
+garbage = weakref.ref(node)
+del node
+before = gc.get_threshold()
+settle_garbage_collector()
+frozen = gc.get_freeze_count()
+assert frozen > 1000, frozen
+assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, *before[1:]), gc.get_threshold()
+assert garbage() is None, "start-up garbage was frozen, not collected"
+release_frozen_objects()
+assert gc.get_freeze_count() == 0
+assert len(gc.get_objects(generation=2)) >= frozen
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.stdout == "ok\n", done.stderr
