@@ -89,12 +89,23 @@ _NO_AUTO_HEADERS = frozenset(
 )
 
 
-class ForwardedResponse(web.StreamResponse):
-    """A response that relays an upstream answer, its body streamed as it arrives.
+class _UpstreamHeadersOnly(web.StreamResponse):
+    """A relayed answer carries only the upstream's headers (and the framing of this hop).
 
-    aiohttp's server adds Server, and Content-Type to any response with a body; the
-    `strip_server_defaults` hook takes those out again when the upstream did not send them.
+    aiohttp's server adds Server, and Content-Type to any response with a body, as it
+    prepares the headers; they are taken out again when the upstream did not send them.
     """
+
+    added_by_server: tuple[str, ...] = ()
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        for name in self.added_by_server:
+            self.headers.popall(name, None)
+
+
+class ForwardedResponse(_UpstreamHeadersOnly):
+    """A response that relays an upstream answer, its body streamed as it arrives."""
 
     def __init__(self, upstream: aiohttp.ClientResponse) -> None:
         """Raises `UnrelayableHeader` when an upstream header cannot be passed on intact."""
@@ -102,7 +113,7 @@ class ForwardedResponse(web.StreamResponse):
         self.added_by_server = _added_by_server(upstream)
 
 
-class WholeForwardedResponse(web.Response):
+class WholeForwardedResponse(web.Response, _UpstreamHeadersOnly):
     """A relayed answer whose body was read whole: aiohttp writes it with the header in one
     system call instead of two, the largest saving on a small request (bench/)."""
 
@@ -134,13 +145,6 @@ def _reason(upstream: aiohttp.ClientResponse) -> str | None:
         return HTTPStatus(upstream.status).phrase
     except ValueError:
         return ""
-
-
-async def strip_server_defaults(_request: web.Request, response: web.StreamResponse) -> None:
-    """`on_response_prepare` hook: a relayed answer carries only the upstream's headers."""
-    if isinstance(response, ForwardedResponse | WholeForwardedResponse):
-        for name in response.added_by_server:
-            response.headers.popall(name, None)
 
 
 Relayed = TypeVar("Relayed", ForwardedResponse, WholeForwardedResponse)
@@ -223,7 +227,7 @@ def new_upstream_session(outbound: Outbound) -> aiohttp.ClientSession:
     )
 
 
-def logged_path(request: web.Request) -> str:
+def logged_path(request: web.BaseRequest) -> str:
     """The path as the client sent it, without the query: still percent-encoded, so a
     `%0A` cannot forge a log line, and no query value reaches the logs. An absolute-form
     target (refused) loses the credentials it may carry (`http://user:password@host/`)."""
@@ -237,7 +241,7 @@ def logged_path(request: web.Request) -> str:
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#@]*@")
 
 
-def check_request(request: web.Request) -> None:
+def check_request(request: web.BaseRequest) -> None:
     """Refuse what this proxy must not forward, before any token is spent on it.
 
     - Absolute-form, authority-form (CONNECT) and asterisk-form targets (RFC 9112 3.2) ask
@@ -281,7 +285,7 @@ def only_chunked(headers: CIMultiDictProxy[str]) -> bool:
     return not codings or [c.strip().lower() for v in codings for c in v.split(",")] == ["chunked"]
 
 
-def _max_forwards(request: web.Request) -> int | None:
+def _max_forwards(request: web.BaseRequest) -> int | None:
     """The Max-Forwards of an OPTIONS request (RFC 9110 7.6.2), or None when absent."""
     if request.method != hdrs.METH_OPTIONS or hdrs.MAX_FORWARDS not in request.headers:
         return None
@@ -291,7 +295,7 @@ def _max_forwards(request: web.Request) -> int | None:
     return int(value)
 
 
-def expects_continue(request: web.Request) -> bool:
+def expects_continue(request: web.BaseRequest) -> bool:
     """Whether the client waits for 100 Continue before it sends its body.
 
     RFC 9110 10.1.1: never send 100 to an HTTP/1.0 client.
@@ -300,14 +304,6 @@ def expects_continue(request: web.Request) -> bool:
         request.version >= HttpVersion11
         and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
     )
-
-
-async def defer_continue(_request: web.Request) -> None:
-    """Route `expect_handler`: the forwarder sends 100 Continue itself, once it can forward.
-
-    aiohttp's default would send it before the proxy knows it has a token, inviting a
-    large body that a 503 then throws away.
-    """
 
 
 class RequestBody:
@@ -322,7 +318,7 @@ class RequestBody:
     failure is kept so that it is blamed on the client, not on the upstream.
     """
 
-    def __init__(self, request: web.Request, idle_timeout: float, keep_limit: int) -> None:
+    def __init__(self, request: web.BaseRequest, idle_timeout: float, keep_limit: int) -> None:
         self._content = request.content if request.body_exists else None
         self._length = request.content_length
         self._idle_timeout = idle_timeout
@@ -373,7 +369,7 @@ class _TenantMetrics:
 class _Exchange:
     """One request on its way: where it goes, and what is sent there."""
 
-    request: web.Request
+    request: web.BaseRequest
     destination: Destination
     url: URL
     headers: CIMultiDict[str]
@@ -410,7 +406,7 @@ class Forwarder:
         self._by_tenant: dict[str, _TenantMetrics] = {}
 
     async def forward(
-        self, request: web.Request, destination: Destination, record: AccessRecord
+        self, request: web.BaseRequest, destination: Destination, record: AccessRecord
     ) -> web.StreamResponse:
         """Forward `request` upstream and stream the answer back; note in `record` what
         the access line tells."""
@@ -496,7 +492,7 @@ class Forwarder:
         counters.replayed.inc()
         return await self._send(exchange)
 
-    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+    def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
         try:
             return forwardable_headers(request.raw_headers, _REQUEST_FIELDS_NOT_FORWARDED)
         except UnrelayableHeader as exc:
@@ -514,7 +510,7 @@ class Forwarder:
         counters.misses.inc()
         return await self._fetch(exchange.request, key)
 
-    async def _fetch(self, request: web.Request, key: TokenKey) -> Token:
+    async def _fetch(self, request: web.BaseRequest, key: TokenKey) -> Token:
         """Wait for a token; when the stop cuts the wait short, `TokenUnavailable`.
 
         The stop cancels what is still in flight once `shutdown.timeout` has passed; the
@@ -670,7 +666,7 @@ class Forwarder:
         return response
 
 
-def is_small(request: web.Request, answer: aiohttp.ClientResponse) -> bool:
+def is_small(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> bool:
     """Whether `answer` has a body of known length up to `WHOLE_ANSWER_LIMIT`.
 
     HEAD, 204 and 304 answers have a Content-Length but no body (RFC 9110 8.6): those stream

@@ -79,7 +79,7 @@ class Router:
                     keys.append(key)
         return keys
 
-    def route(self, request: web.Request) -> Destination:
+    def route(self, request: web.BaseRequest) -> Destination:
         """The destination of `request`; `NoRoute` or `ScopeNotAllowed` if it has none."""
         listener = self._listener(request) if self._by_listener else None
         target = request.raw_path
@@ -106,7 +106,7 @@ class Router:
         tenant = None if route.tenant is None else self.tenants[route.tenant]
         return _Route(route.listen, route.prefix, route.header, tenant, route.scopes)
 
-    def _listener(self, request: web.Request) -> ListenAddress | None:
+    def _listener(self, request: web.BaseRequest) -> ListenAddress | None:
         transport = request.transport
         name = None if transport is None else transport.get_extra_info("sockname")
         if isinstance(name, tuple):
@@ -117,7 +117,7 @@ class Router:
         return route.scopes if route.scopes is not None else tenant.auth.scopes
 
     def _scopes(
-        self, request: web.Request, route: _Route, tenant: Tenant
+        self, request: web.BaseRequest, route: _Route, tenant: Tenant
     ) -> tuple[str, ...] | None:
         allowed = self._allowed(route, tenant)
         asked = request.headers.get(SCOPES_HEADER, "").split()

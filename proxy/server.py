@@ -18,14 +18,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.app import (
-    IN_FLIGHT,
-    WIRING,
-    Lifecycle,
-    Phase,
-    create_admin_app,
-    create_proxy_app,
-)
+from proxy.app import Lifecycle, Phase, ProxyHandler, create_admin_app
 from proxy.config import ListenAddress, Settings
 from proxy.errors import ListenError
 from proxy.logs import access_log, configure_logging
@@ -167,22 +160,27 @@ class ProxyServer:
             server_logger.addFilter(_QUIET_MALFORMED_REQUESTS)
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
-        self._proxy_app = create_proxy_app(settings, self.metrics, self.lifecycle, clock=clock)
+        self._handler = ProxyHandler(settings, self.metrics, self.lifecycle, clock=clock)
         # aiohttp's keep-alive timer runs from when a connection opens and from the end of
         # each answer, until a complete request head has arrived: it bounds a client that
         # sends its head slowly, or stops halfway (slowloris), as well as an idle one.
         client_timeout = settings.client_header_timeout
-        self._proxy = web.AppRunner(
-            self._proxy_app,
-            access_log=None,
-            keepalive_timeout=client_timeout,
+        self._proxy = web.ServerRunner(
+            web.Server(
+                self._handler,
+                access_log=None,
+                keepalive_timeout=client_timeout,
+                # A client that hangs up cancels its request, and with it the upstream
+                # exchange.
+                handler_cancellation=True,
+                # Request bodies pass through as sent: a gzip upload stays gzip (and its
+                # length).
+                auto_decompress=False,
+            ),
             # The drain is the proxy's own (`stop`); aiohttp's would wait twice as long.
             shutdown_timeout=_CLOSE_TIMEOUT,
-            # A client that hangs up cancels its request, and with it the upstream exchange.
-            handler_cancellation=True,
-            # Request bodies pass through as sent: a gzip upload stays gzip (and its length).
-            auto_decompress=False,
         )
+        self._handler_started = False
         self._admin = web.AppRunner(
             create_admin_app(self.metrics, self.lifecycle),
             access_log=None,
@@ -199,6 +197,8 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind the listeners and start serving; log where, without anything secret."""
         try:
+            self._handler_started = True
+            await self._handler.start()
             await self._proxy.setup()
             self.proxy_url = await self._bind(self._proxy, self.settings.listen)
             for address in self._route_listeners():
@@ -207,7 +207,7 @@ class ProxyServer:
             if self.settings.admin_listen is not None:
                 await self._admin.setup()
                 self.admin_url = await self._bind(self._admin, self.settings.admin_listen)
-        except ListenError:
+        except BaseException:
             await self._close()
             raise
         self.lifecycle.phase = Phase.SERVING
@@ -231,11 +231,11 @@ class ProxyServer:
     @property
     def tokens(self) -> TokenKeeper:
         """The token keeper of the proxy app (once started)."""
-        return self._proxy_app[WIRING].tokens
+        return self._handler.wiring.tokens
 
     async def reconfigure(self, settings: Settings) -> None:
         """Serve under `settings` (a reload); the listeners stay as they are."""
-        await self._proxy_app[WIRING].reconfigure(settings)
+        await self._handler.wiring.reconfigure(settings)
         self.settings = settings
 
     async def drain(self) -> None:
@@ -266,7 +266,7 @@ class ProxyServer:
         logger.info("Stopped.")
 
     async def _drain(self) -> None:
-        in_flight = self._proxy_app[IN_FLIGHT]
+        in_flight = self._handler.in_flight
         timeout = self.settings.shutdown.timeout
         deadline = asyncio.get_running_loop().time() + timeout
         while in_flight and (left := deadline - asyncio.get_running_loop().time()) > 0:
@@ -285,6 +285,9 @@ class ProxyServer:
         for runner in (self._proxy, self._admin):
             if runner.server is not None:
                 await runner.cleanup()
+        if self._handler_started:
+            self._handler_started = False
+            await self._handler.close()
         for path, identity in self._unix_sockets:
             with contextlib.suppress(FileNotFoundError):
                 if _identity(path) == identity:
@@ -299,7 +302,7 @@ class ProxyServer:
         return addresses
 
     async def _bind(
-        self, runner: web.AppRunner, address: ListenAddress, *, route_listener: bool = False
+        self, runner: web.BaseRunner, address: ListenAddress, *, route_listener: bool = False
     ) -> str:
         """Start a site for `address` on `runner`; return the URL it really listens on.
 
@@ -320,7 +323,7 @@ class ProxyServer:
             raise ListenError(f"Cannot listen on {address}: {exc.strerror or exc}.") from exc
         bound = [name for name in runner.addresses if name not in before]
         if route_listener:
-            router = self._proxy_app[WIRING].router
+            router = self._handler.wiring.router
             for name in bound:
                 router.bind(name[:2] if isinstance(name, tuple) else name, address)
         if address.path is not None:
