@@ -121,19 +121,45 @@ class AccessLog:
     ) -> None:
         """Queue the line of one request (the caller checks `enabled` first)."""
         now = time.time()
-        message = f"{method} {path} {status}"
-        fields: dict[str, Any] = {
-            "duration_ms": round((time.perf_counter() - record.started) * 1000, 3),
-            "upstream_ms": record.upstream_ms(),
-            "bytes_in": record.bytes_in,
-            "bytes_out": record.bytes_out,
-            "tenant": tenant,
-            "request_id": record.request_id[:_LOGGED_REQUEST_ID],
-        }
+        duration_ms = round((time.perf_counter() - record.started) * 1000, 3)
+        request_id = record.request_id[:_LOGGED_REQUEST_ID]
         if self._text:
-            line = self._text_line(now, message, fields)
+            line = self._text_line(
+                now,
+                f"{method} {path} {status}",
+                {
+                    "duration_ms": duration_ms,
+                    "upstream_ms": record.upstream_ms(),
+                    "bytes_in": record.bytes_in,
+                    "bytes_out": record.bytes_out,
+                    "tenant": tenant,
+                    "request_id": request_id,
+                },
+            )
         else:
-            line = self._json_line(now, message, method, path, status, fields)
+            # The keys, names and time format of the operations log's JSON lines.
+            fields: dict[str, Any] = {
+                "level": "INFO",
+                "logger": ACCESS_LOGGER_NAME,
+                "message": f"{method} {path} {status}",
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": duration_ms,
+                "upstream_ms": record.upstream_ms(),
+                "bytes_in": record.bytes_in,
+                "bytes_out": record.bytes_out,
+                "tenant": tenant,
+                "request_id": request_id,
+                "time": self._utc_time(now),
+            }
+            if self._worker is not None:
+                fields["worker"] = self._worker
+            line = (
+                orjson.dumps(fields, option=orjson.OPT_APPEND_NEWLINE).decode()
+                if orjson is not None
+                else json.dumps(fields) + "\n"
+            )
         self._pending.append(line)
         if not self._flush_scheduled:
             try:
@@ -165,32 +191,6 @@ class AccessLog:
             self._stream.flush()
         except (OSError, ValueError):
             pass  # stderr closed or gone: nobody is left to tell
-
-    def _json_line(
-        self,
-        now: float,
-        message: str,
-        method: str,
-        path: str,
-        status: int,
-        fields: dict[str, Any],
-    ) -> str:
-        # The keys, names and time format of the operations log's JSON lines.
-        line: dict[str, Any] = {
-            "level": "INFO",
-            "logger": ACCESS_LOGGER_NAME,
-            "message": message,
-            "method": method,
-            "path": path,
-            "status": status,
-            **fields,
-            "time": self._utc_time(now),
-        }
-        if self._worker is not None:
-            line["worker"] = self._worker
-        if orjson is not None:
-            return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode()
-        return json.dumps(line) + "\n"
 
     def _utc_time(self, now: float) -> str:
         """`now` in ISO 8601 with microseconds, as the operations log writes it; the date
