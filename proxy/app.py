@@ -104,11 +104,6 @@ class ProxyHandler:
     async def start(self) -> None:
         """Open the token store and the clients, and start keeping tokens."""
         settings, wiring, resources = self._settings, self.wiring, self._resources
-        outbound = Outbound.for_settings(settings)
-        token_session = new_token_session(outbound)
-        resources.push_async_callback(token_session.close)
-        upstream_session = new_upstream_session(outbound)
-        resources.push_async_callback(upstream_session.close)
         store = open_store(
             settings.token_store,
             self._metrics,
@@ -116,12 +111,18 @@ class ProxyHandler:
             lambda key: wiring.endpoints[client_of(key)].secret.get_secret_value(),
         )
         resources.push_async_callback(store.close)
+        outbound = Outbound.for_settings(settings)
+        token_session = new_token_session(outbound)
+        resources.push_async_callback(token_session.close)
+        upstream_session = new_upstream_session(outbound)
+        resources.push_async_callback(upstream_session.close)
         wiring.start(token_session, upstream_session, store, outbound)
         resources.push_async_callback(wiring.close)
         self._lifecycle.token_problem = wiring.token_problem
 
     async def close(self) -> None:
-        """Stop keeping tokens and close what `start` opened, in the reverse order."""
+        """Stop keeping tokens and close what `start` opened, in the reverse order (once;
+        a second call, or one without `start`, does nothing)."""
         await self._resources.aclose()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:

@@ -94,6 +94,10 @@ class _UpstreamHeadersOnly(web.StreamResponse):
 
     aiohttp's server adds Server, and Content-Type to any response with a body, as it
     prepares the headers; they are taken out again when the upstream did not send them.
+    aiohttp's one public hook after that step is an Application's `on_response_prepare`,
+    which its low-level server does not have: this overrides the private method behind it
+    instead, and `test_the_proxy_adds_no_content_type_or_server_of_its_own` notices if a
+    newer aiohttp stops calling it.
     """
 
     added_by_server: tuple[str, ...] = ()

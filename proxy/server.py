@@ -126,19 +126,15 @@ YOUNG_COLLECTION_THRESHOLD = 10_000
 
 
 def settle_garbage_collector() -> None:
-    """Once started: collect what start-up left, move every object that remains (modules,
-    config, clients) out of the collector's sight for good (`gc.freeze`, as servers that
-    fork do), and collect the young generation less often."""
+    """Once started, and after each reload: collect what start-up (or the config it
+    replaced) left, move every object that remains (modules, config, clients) out of the
+    collector's sight (`gc.freeze`, as servers that fork do), and collect the young
+    generation less often. The full collection pauses the process for about 20 ms."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     young, middle, old = gc.get_threshold()
     gc.set_threshold(max(young, YOUNG_COLLECTION_THRESHOLD), middle, old)
-
-
-def release_frozen_objects() -> None:
-    """After a reload: what the old config held may be garbage now, so the objects frozen
-    at start return to the collector's oldest generation, to be collected as usual."""
-    gc.unfreeze()
 
 
 class ProxyServer:
@@ -161,30 +157,12 @@ class ProxyServer:
         self.metrics = Metrics()
         self.lifecycle = Lifecycle()
         self._handler = ProxyHandler(settings, self.metrics, self.lifecycle, clock=clock)
-        # aiohttp's keep-alive timer runs from when a connection opens and from the end of
-        # each answer, until a complete request head has arrived: it bounds a client that
-        # sends its head slowly, or stops halfway (slowloris), as well as an idle one.
-        client_timeout = settings.client_header_timeout
-        self._proxy = web.ServerRunner(
-            web.Server(
-                self._handler,
-                access_log=None,
-                keepalive_timeout=client_timeout,
-                # A client that hangs up cancels its request, and with it the upstream
-                # exchange.
-                handler_cancellation=True,
-                # Request bodies pass through as sent: a gzip upload stays gzip (and its
-                # length).
-                auto_decompress=False,
-            ),
-            # The drain is the proxy's own (`stop`); aiohttp's would wait twice as long.
-            shutdown_timeout=_CLOSE_TIMEOUT,
-        )
-        self._handler_started = False
+        # Made in `start`: aiohttp's low-level server takes the running event loop.
+        self._proxy: web.ServerRunner | None = None
         self._admin = web.AppRunner(
             create_admin_app(self.metrics, self.lifecycle),
             access_log=None,
-            keepalive_timeout=client_timeout,
+            keepalive_timeout=settings.client_header_timeout,
             shutdown_timeout=_CLOSE_TIMEOUT,
         )
         # Socket files this process created, with their inode: a successor started during
@@ -197,12 +175,12 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind the listeners and start serving; log where, without anything secret."""
         try:
-            self._handler_started = True
             await self._handler.start()
-            await self._proxy.setup()
-            self.proxy_url = await self._bind(self._proxy, self.settings.listen)
+            proxy = self._proxy = self._proxy_runner()
+            await proxy.setup()
+            self.proxy_url = await self._bind(proxy, self.settings.listen)
             for address in self._route_listeners():
-                url = await self._bind(self._proxy, address, route_listener=True)
+                url = await self._bind(proxy, address, route_listener=True)
                 self.route_urls[address] = url
             if self.settings.admin_listen is not None:
                 await self._admin.setup()
@@ -256,11 +234,12 @@ class ProxyServer:
             "Stopping: no new connections; requests in flight get %g s (shutdown.timeout).",
             self.settings.shutdown.timeout,
         )
-        if self._proxy.server is not None:
-            for site in list(self._proxy.sites):
+        proxy = self._proxy
+        if proxy is not None and proxy.server is not None:
+            for site in list(proxy.sites):
                 await site.stop()
             # Keep-alive connections take no new request after the one they carry.
-            self._proxy.server.pre_shutdown()
+            proxy.server.pre_shutdown()
             await self._drain()
         await self._close()
         logger.info("Stopped.")
@@ -283,16 +262,36 @@ class ProxyServer:
 
     async def _close(self) -> None:
         for runner in (self._proxy, self._admin):
-            if runner.server is not None:
+            if runner is not None and runner.server is not None:
                 await runner.cleanup()
-        if self._handler_started:
-            self._handler_started = False
-            await self._handler.close()
+        await self._handler.close()
         for path, identity in self._unix_sockets:
             with contextlib.suppress(FileNotFoundError):
                 if _identity(path) == identity:
                     os.unlink(path)
         self._unix_sockets.clear()
+
+    def _proxy_runner(self) -> web.ServerRunner:
+        """The proxy listeners' runner: aiohttp's low-level server, with `ProxyHandler`."""
+        return web.ServerRunner(
+            web.Server(
+                self._handler,
+                access_log=None,
+                # aiohttp's keep-alive timer runs from when a connection opens and from the
+                # end of each answer, until a complete request head has arrived: it bounds
+                # a client that sends its head slowly, or stops halfway (slowloris), as
+                # well as an idle one.
+                keepalive_timeout=self.settings.client_header_timeout,
+                # A client that hangs up cancels its request, and with it the upstream
+                # exchange.
+                handler_cancellation=True,
+                # Request bodies pass through as sent: a gzip upload stays gzip (and its
+                # length).
+                auto_decompress=False,
+            ),
+            # The drain is the proxy's own (`stop`); aiohttp's would wait twice as long.
+            shutdown_timeout=_CLOSE_TIMEOUT,
+        )
 
     def _route_listeners(self) -> list[ListenAddress]:
         addresses: list[ListenAddress] = []
@@ -502,7 +501,7 @@ async def serve(
     async def reconfigure(new: Settings) -> None:
         configure_logging(new.log, worker=worker)
         await server.reconfigure(new)
-        release_frozen_objects()
+        settle_garbage_collector()
 
     with StopSignals(stop_signals, parent, escalate=worker is None) as signals:
         await server.start()
