@@ -99,6 +99,7 @@ class ProxyHandler:
         self._resources = contextlib.AsyncExitStack()
         self.in_flight: set[asyncio.Task[object]] = set()
         """The tasks of the requests being answered, for the drain to wait for."""
+        self._counts_in_flight = not metrics.watch_in_flight(self.in_flight)
         self.wiring = Wiring(settings, metrics, self._clock)
 
     async def start(self) -> None:
@@ -131,7 +132,8 @@ class ProxyHandler:
         task = asyncio.current_task()
         assert task is not None
         record = AccessRecord.begin(request.headers.get(REQUEST_ID_HEADER))
-        metrics.requests_in_flight.inc()
+        if self._counts_in_flight:
+            metrics.requests_in_flight.inc()
         in_flight.add(task)
         try:
             response = await self._answer(request, record)
@@ -144,7 +146,8 @@ class ProxyHandler:
             raise
         finally:
             in_flight.discard(task)
-            metrics.requests_in_flight.dec()
+            if self._counts_in_flight:
+                metrics.requests_in_flight.dec()
         self._count(request, record, response.status)
         return response
 

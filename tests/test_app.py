@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
@@ -11,7 +12,7 @@ from yarl import URL
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import SECRET, TENANT, eventually, sample, samples
+from tests.support import SECRET, TENANT, HeldRoute, eventually, sample, samples
 
 
 async def scrape(client: aiohttp.ClientSession, proxy: ProxyServer) -> str:
@@ -163,3 +164,23 @@ async def test_logged_paths_stay_encoded_and_leave_the_query_out(
     assert "GET /a%0AERROR%20forged answered 502" in caplog.text
     assert "\nERROR forged" not in caplog.text
     assert "hidden-value" not in caplog.text
+
+
+async def test_the_in_flight_gauge_counts_requests_being_answered(
+    start_standins: StartStandins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    proxy = await start_proxy(standins.settings())
+    calls = [asyncio.create_task(client.get(f"{proxy.proxy_url}/slow")) for _ in range(2)]
+    for _ in range(1000):  # until both are with the upstream
+        in_flight = sample(await scrape(client, proxy), "skill_engine_proxy_requests_in_flight")
+        if in_flight == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert in_flight == 2
+    held.release.set()
+    for call in calls:
+        async with await call as response:
+            assert response.status == 200
+    assert sample(await scrape(client, proxy), "skill_engine_proxy_requests_in_flight") == 0
