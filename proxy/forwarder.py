@@ -335,9 +335,14 @@ class RequestBody:
     def replayable(self) -> bool:
         return self._content is None or self.kept is not None
 
-    async def keep_if_small(self) -> None:
-        if self._content is None or self._length is None or self._length > self._keep_limit:
-            return
+    @property
+    def to_keep(self) -> bool:
+        """Whether there is a body, of known length up to the limit, to read before sending."""
+        length = self._length
+        return self._content is not None and length is not None and length <= self._keep_limit
+
+    async def keep(self) -> None:
+        """Read the body whole (`to_keep` says whether to)."""
         self.kept = b"".join([chunk async for chunk in self._chunks()])
 
     def data(self) -> bytes | AsyncIterator[bytes] | None:
@@ -453,7 +458,8 @@ class Forwarder:
 
         if expects_continue(request):
             await request.writer.write(_CONTINUE)
-        await self._read_body(exchange)
+        if exchange.body.to_keep:
+            await self._read_body(exchange)
         record.upstream_started = time.perf_counter()
         answer = await self._send(exchange)
         if answer.status == 401:
@@ -533,7 +539,7 @@ class Forwarder:
 
     async def _read_body(self, exchange: _Exchange) -> None:
         try:
-            await exchange.body.keep_if_small()
+            await exchange.body.keep()
         except (ConnectionError, TimeoutError, aiohttp.ClientError) as exc:
             raise self._client_failure(exchange) from exc
 
