@@ -100,6 +100,8 @@ class ProxyHandler:
         self.in_flight: set[asyncio.Task[object]] = set()
         """The tasks of the requests being answered, for the drain to wait for."""
         self._counts_in_flight = not metrics.watch_in_flight(self.in_flight)
+        self.closing = False
+        """Set when the stop begins: every answer from then on closes its connection."""
         self.wiring = Wiring(settings, metrics, self._clock)
 
     async def start(self) -> None:
@@ -149,6 +151,8 @@ class ProxyHandler:
             if self._counts_in_flight:
                 metrics.requests_in_flight.dec()
         self._count(request, record, response.status)
+        if self.closing:
+            response.force_close()
         return response
 
     def _count(self, request: web.BaseRequest, record: AccessRecord, status: int) -> None:

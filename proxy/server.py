@@ -238,8 +238,10 @@ class ProxyServer:
         if proxy is not None and proxy.server is not None:
             for site in list(proxy.sites):
                 await site.stop()
-            # Keep-alive connections take no new request after the one they carry.
-            proxy.server.pre_shutdown()
+            # A kept-alive connection closes after its next answer, which says so. aiohttp's
+            # own way to close connections (pre_shutdown) also stops reading them at once,
+            # which would cut off the body of an upload in flight.
+            self._handler.closing = True
             await self._drain()
         await self._close()
         logger.info("Stopped.")

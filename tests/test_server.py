@@ -331,3 +331,90 @@ def test_a_proxy_server_made_before_its_event_loop_runs_then_serves_in_it() -> N
             await server.stop()
 
     assert asyncio.run(serve_once()) == 200
+
+
+async def refused(url: str) -> bool:
+    match = re.match(r"http://([^:/]+):(\d+)", url)
+    assert match, url
+    try:
+        _, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    except ConnectionError:  # refused, or reset as the listener closed
+        return True
+    writer.close()
+    return False
+
+
+async def test_an_upload_in_flight_when_the_stop_begins_is_read_to_its_end(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    match = re.match(r"http://([^:/]+):(\d+)", proxy.proxy_url)
+    assert match
+    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    writer.write(
+        b"POST /sink HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+    )
+    await writer.drain()
+    in_flight = "skill_engine_proxy_requests_in_flight"
+    for _ in range(1000):
+        if proxy.metrics.registry.get_sample_value(in_flight) == 1:
+            break
+        await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(proxy.stop())
+    for _ in range(1000):
+        if await refused(proxy.proxy_url):
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the stop has moved on to waiting for what is in flight
+
+    try:
+        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)  # until the proxy closes
+    finally:
+        writer.close()
+        await stopping
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer
+    assert b"\r\nConnection: close" in head
+    assert b'"bytes": 11' in body
+
+
+async def test_a_kept_alive_connection_idle_when_the_stop_begins_gets_one_last_answer(
+    start_standins: StartStandins, start_proxy: StartProxy, client: aiohttp.ClientSession
+) -> None:
+    """Closing an idle connection under its client races with a request the client may be
+    sending just then: it is closed after its next answer instead, which says so."""
+    held = HeldRoute()
+    standins = await start_standins(held.routes())
+    proxy = await start_proxy(standins.settings())
+    match = re.match(r"http://([^:/]+):(\d+)", proxy.proxy_url)
+    assert match
+    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    request = b"GET /version HTTP/1.1\r\nHost: proxy\r\n\r\n"
+    writer.write(request)
+    first = await reader.readuntil(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert b"Connection: close" not in first
+    length = re.search(rb"Content-Length: (\d+)", first)
+    assert length
+    await reader.readexactly(int(length[1]))
+
+    slow = asyncio.create_task(client.get(f"{proxy.proxy_url}/slow"))  # keeps the drain going
+    await held.arrived.wait()
+    stopping = asyncio.create_task(proxy.stop())
+    for _ in range(1000):
+        if await refused(proxy.proxy_url):
+            break
+        await asyncio.sleep(0.01)
+
+    try:
+        writer.write(request)
+        last = await asyncio.wait_for(reader.read(), timeout=10)  # until the proxy closes
+    finally:
+        writer.close()
+        held.release.set()
+        async with await slow as response:
+            assert response.status == 200
+        await stopping
+    assert last.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nConnection: close" in last
