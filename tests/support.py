@@ -109,17 +109,28 @@ class RawResponse:
         return [value for key, value in self.headers if key.lower() == name.lower()]
 
 
-async def raw_exchange(url: str, request: bytes) -> RawResponse:
-    """Send `request` byte for byte on a new connection; read the answer until it closes."""
+async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection of its own to the `http://host:port` of `url`."""
     match = re.match(r"http://([^:/]+):(\d+)", url)
     assert match, url
-    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    return await asyncio.open_connection(match.group(1), int(match.group(2)))
+
+
+async def read_to_close(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+) -> bytes:
+    """Send `data`, then read until the other end closes (10 s at most); close this end."""
     try:
-        writer.write(request)
+        writer.write(data)
         await writer.drain()
-        answer = await reader.read()
+        return await asyncio.wait_for(reader.read(), timeout=10)
     finally:
         writer.close()
+
+
+async def raw_exchange(url: str, request: bytes) -> RawResponse:
+    """Send `request` byte for byte on a new connection; read the answer until it closes."""
+    answer = await read_to_close(*await connect(url), request)
     while answer.startswith(b"HTTP/1.1 1"):  # interim answers such as 100 Continue
         answer = answer.partition(b"\r\n\r\n")[2]
     head, _, body = answer.partition(b"\r\n\r\n")

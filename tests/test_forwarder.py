@@ -18,7 +18,7 @@ from proxy.forwarder import WHOLE_ANSWER_LIMIT
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import HeldRoute, raw_exchange, sample
+from tests.support import HeldRoute, connect, raw_exchange, read_to_close, sample
 
 ERROR_HEADER = "X-Skill-Engine-Proxy-Error"
 
@@ -773,14 +773,10 @@ async def test_repeats_spelled_differently_all_arrive(
 
 
 async def test_a_refused_request_closes_its_connection(proxy: ProxyServer) -> None:
-    host, port = proxy.proxy_url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), timeout=10)  # until the proxy closes
-    finally:
-        writer.close()
+    answer = await read_to_close(
+        *await connect(proxy.proxy_url),
+        b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 400")
     assert b"\r\nConnection: close\r\n" in answer
 

@@ -22,7 +22,7 @@ from proxy.errors import ListenError
 from proxy.logs import AccessRecord, access_log
 from proxy.server import ProxyServer, StopSignals
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import HeldRoute, raw_exchange, settings_document
+from tests.support import HeldRoute, connect, raw_exchange, read_to_close, settings_document
 
 
 async def test_stop_lets_in_flight_requests_finish_and_reports_not_ready(
@@ -334,10 +334,8 @@ def test_a_proxy_server_made_before_its_event_loop_runs_then_serves_in_it() -> N
 
 
 async def refused(url: str) -> bool:
-    match = re.match(r"http://([^:/]+):(\d+)", url)
-    assert match, url
     try:
-        _, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+        _, writer = await connect(url)
     except ConnectionError:  # refused, or reset as the listener closed
         return True
     writer.close()
@@ -347,9 +345,7 @@ async def refused(url: str) -> bool:
 async def test_an_upload_in_flight_when_the_stop_begins_is_read_to_its_end(
     standins: Standins, proxy: ProxyServer
 ) -> None:
-    match = re.match(r"http://([^:/]+):(\d+)", proxy.proxy_url)
-    assert match
-    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    reader, writer = await connect(proxy.proxy_url)
     writer.write(
         b"POST /sink HTTP/1.1\r\nHost: proxy\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
     )
@@ -367,11 +363,8 @@ async def test_an_upload_in_flight_when_the_stop_begins_is_read_to_its_end(
     await asyncio.sleep(0.05)  # the stop has moved on to waiting for what is in flight
 
     try:
-        writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), timeout=10)  # until the proxy closes
+        answer = await read_to_close(reader, writer, b"6\r\nsecond\r\n0\r\n\r\n")
     finally:
-        writer.close()
         await stopping
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), answer
@@ -387,9 +380,7 @@ async def test_a_kept_alive_connection_idle_when_the_stop_begins_gets_one_last_a
     held = HeldRoute()
     standins = await start_standins(held.routes())
     proxy = await start_proxy(standins.settings())
-    match = re.match(r"http://([^:/]+):(\d+)", proxy.proxy_url)
-    assert match
-    reader, writer = await asyncio.open_connection(match.group(1), int(match.group(2)))
+    reader, writer = await connect(proxy.proxy_url)
     request = b"GET /version HTTP/1.1\r\nHost: proxy\r\n\r\n"
     writer.write(request)
     first = await reader.readuntil(b"\r\n\r\n")
@@ -408,10 +399,8 @@ async def test_a_kept_alive_connection_idle_when_the_stop_begins_gets_one_last_a
         await asyncio.sleep(0.01)
 
     try:
-        writer.write(request)
-        last = await asyncio.wait_for(reader.read(), timeout=10)  # until the proxy closes
+        last = await read_to_close(reader, writer, request)
     finally:
-        writer.close()
         held.release.set()
         async with await slow as response:
             assert response.status == 200
