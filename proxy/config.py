@@ -679,13 +679,30 @@ def _shared_tenant_names(tenants: dict[str, Tenant]) -> list[tuple[str | None, s
     return problems
 
 
+# The most that is read of a config file and of a secret file: a path to something endless
+# (/dev/zero, a pipe nobody closes) or huge is refused instead of filling the memory.
+CONFIG_FILE_LIMIT = 1024 * 1024
+SECRET_FILE_LIMIT = 64 * 1024
+
+
+def _read_text(path: Path, limit: int) -> str:
+    """The UTF-8 text of `path`; `ValueError` if it holds more than `limit` bytes."""
+    with path.open("rb") as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"holds more than {limit // 1024} KiB")
+    return data.decode("utf-8")
+
+
 def _read_yaml(file: str) -> dict[str, Any]:
     try:
-        text = Path(file).read_text(encoding="utf-8")
+        text = _read_text(Path(file), CONFIG_FILE_LIMIT)
     except OSError as exc:
         raise ConfigError(file, [(None, f"cannot read the file: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(file, [(None, "the file is not UTF-8 text")]) from None
+    except ValueError as exc:
+        raise ConfigError(file, [(None, f"the file {exc}: not a config file")]) from None
 
     try:
         document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
@@ -893,11 +910,13 @@ def _with_secret_files_read(settings: Settings, *, file: str) -> Settings:
 def read_secret_file(path: Path, *, file: str, key: str) -> SecretStr:
     """The secret in `path`, without the trailing newline editors and `echo` leave."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, SECRET_FILE_LIMIT)
     except OSError as exc:
         raise ConfigError(file, [(key, f"cannot read {path}: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(file, [(key, f"{path} is not UTF-8 text")]) from None
+    except ValueError as exc:
+        raise ConfigError(file, [(key, f"{path} {exc}: not a secret")]) from None
     secret = text.rstrip("\r\n")
     if not secret:
         raise ConfigError(file, [(key, f"{path} is empty")])

@@ -298,7 +298,12 @@ def test_an_escaped_dollar_brace_stays_literal_in_defaults_too(
 
 @pytest.mark.parametrize(
     ("content", "expected"),
-    [(None, "No such file or directory"), ("", "is empty"), ("\n", "is empty")],
+    [
+        (None, "No such file or directory"),
+        ("", "is empty"),
+        ("\n", "is empty"),
+        ("x" * (64 * 1024 + 1), "holds more than 64 KiB: not a secret"),
+    ],
 )
 def test_unusable_secret_file_names_the_key(
     tmp_path: Path, content: str | None, expected: str
@@ -310,6 +315,14 @@ def test_unusable_secret_file_names_the_key(
     message = config_error(write(tmp_path, text))
     assert "auth.client_secret_file: " in message
     assert expected in message
+
+
+def test_an_endless_secret_or_config_file_is_refused_not_read_forever(tmp_path: Path) -> None:
+    text = MINIMAL.replace("client_secret: ${SECRET_VAR}", "client_secret_file: /dev/zero")
+    message = config_error(write(tmp_path, text))
+    assert "auth.client_secret_file: /dev/zero holds more than 64 KiB: not a secret" in message
+    message = config_error(Path("/dev/zero"))
+    assert "the file holds more than 1024 KiB: not a config file" in message
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
