@@ -97,8 +97,9 @@ class ProxyHandler:
         self._lifecycle = lifecycle
         self._clock = clock or SystemClock()
         self._resources = contextlib.AsyncExitStack()
-        self.in_flight: set[asyncio.Task[object]] = set()
-        """The tasks of the requests being answered, for the drain to wait for."""
+        self.in_flight: dict[asyncio.Task[object], web.RequestHandler] = {}
+        """The tasks of the requests being answered, for the drain to wait for, with the
+        connection each came on: the others are idle when the stop begins."""
         self._counts_in_flight = not metrics.watch_in_flight(self.in_flight)
         self.closing = False
         """Set when the stop begins: every answer from then on closes its connection."""
@@ -136,7 +137,7 @@ class ProxyHandler:
         record = AccessRecord.begin(request.headers.get(REQUEST_ID_HEADER))
         if self._counts_in_flight:
             metrics.requests_in_flight.inc()
-        in_flight.add(task)
+        in_flight[task] = request.protocol
         try:
             response = await self._answer(request, record)
         except asyncio.CancelledError:
@@ -147,7 +148,7 @@ class ProxyHandler:
             self._count(request, record, request.get(SENT_STATUS, ClientGone.status))
             raise
         finally:
-            in_flight.discard(task)
+            del in_flight[task]
             if self._counts_in_flight:
                 metrics.requests_in_flight.dec()
         self._count(request, record, response.status)

@@ -23,7 +23,7 @@
                                      ConfigError
 
 Foreign exceptions (aiohttp's, the OS's) are translated into these once, where they happen;
-the proxy app's middleware turns each into one answer with `error_response`.
+the proxy's request handler (`app.ProxyHandler`) turns each into one answer with `error_response`.
 """
 
 from __future__ import annotations

@@ -646,7 +646,7 @@ class Forwarder:
     async def _relay_whole(
         self, exchange: _Exchange, answer: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        """Read a small answer whole; aiohttp sends it once the middleware has counted it.
+        """Read a small answer whole; aiohttp sends it once the handler has counted it.
         Nothing has reached the client yet, so an upstream that breaks off gets a 502.
 
         The access line is written before aiohttp sends the answer: it counts the bytes

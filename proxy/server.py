@@ -238,10 +238,19 @@ class ProxyServer:
         if proxy is not None and proxy.server is not None:
             for site in list(proxy.sites):
                 await site.stop()
-            # A kept-alive connection closes after its next answer, which says so. aiohttp's
-            # own way to close connections (pre_shutdown) also stops reading them at once,
-            # which would cut off the body of an upload in flight.
+            # Connections idle now close now, as nginx and Go's servers do (a client sending
+            # a request just then sees the connection close before any answer, and may send
+            # it again elsewhere); the others after their answer, which says so. aiohttp's
+            # pre_shutdown would stop reading every connection at once, the rest of an upload
+            # in flight included, and close none before the end of the drain.
+            # Known gap: a request whose head aiohttp has read but whose handler has not yet
+            # begun (the same event-loop turn) looks idle, and is dropped unanswered with
+            # its connection.
             self._handler.closing = True
+            busy = set(self._handler.in_flight.values())
+            for connection in proxy.server.connections:
+                if connection not in busy:
+                    connection.force_close()
             await self._drain()
         await self._close()
         logger.info("Stopped.")

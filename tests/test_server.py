@@ -372,38 +372,34 @@ async def test_an_upload_in_flight_when_the_stop_begins_is_read_to_its_end(
     assert b'"bytes": 11' in body
 
 
-async def test_a_kept_alive_connection_idle_when_the_stop_begins_gets_one_last_answer(
-    start_standins: StartStandins, start_proxy: StartProxy, client: aiohttp.ClientSession
+async def test_at_the_stop_idle_connections_close_and_busy_ones_after_their_answer(
+    start_standins: StartStandins, start_proxy: StartProxy
 ) -> None:
-    """Closing an idle connection under its client races with a request the client may be
-    sending just then: it is closed after its next answer instead, which says so."""
+    """A kept-alive connection idle when the stop begins takes no request any more: one
+    forwarded late in the drain could be cut off at its end, after the upstream acted."""
     held = HeldRoute()
     standins = await start_standins(held.routes())
     proxy = await start_proxy(standins.settings())
-    reader, writer = await connect(proxy.proxy_url)
-    request = b"GET /version HTTP/1.1\r\nHost: proxy\r\n\r\n"
-    writer.write(request)
-    first = await reader.readuntil(b"\r\n\r\n")
+    idle_reader, idle_writer = await connect(proxy.proxy_url)
+    idle_writer.write(b"GET /version HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    first = await idle_reader.readuntil(b"\r\n\r\n")
     assert first.startswith(b"HTTP/1.1 200 ")
-    assert b"Connection: close" not in first
     length = re.search(rb"Content-Length: (\d+)", first)
     assert length
-    await reader.readexactly(int(length[1]))
-
-    slow = asyncio.create_task(client.get(f"{proxy.proxy_url}/slow"))  # keeps the drain going
+    await idle_reader.readexactly(int(length[1]))
+    busy_reader, busy_writer = await connect(proxy.proxy_url)
+    busy_writer.write(b"GET /slow HTTP/1.1\r\nHost: proxy\r\n\r\n")
     await held.arrived.wait()
-    stopping = asyncio.create_task(proxy.stop())
-    for _ in range(1000):
-        if await refused(proxy.proxy_url):
-            break
-        await asyncio.sleep(0.01)
 
+    stopping = asyncio.create_task(proxy.stop())
     try:
-        last = await read_to_close(reader, writer, request)
+        assert await asyncio.wait_for(idle_reader.read(), timeout=10) == b""  # closed
+        held.release.set()
+        answer = await read_to_close(busy_reader, busy_writer, b"")
     finally:
         held.release.set()
-        async with await slow as response:
-            assert response.status == 200
+        idle_writer.close()
         await stopping
-    assert last.startswith(b"HTTP/1.1 200 ")
-    assert b"\r\nConnection: close" in last
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nConnection: close" in answer
+    assert answer.endswith(b"finished")
