@@ -680,18 +680,21 @@ def _shared_tenant_names(tenants: dict[str, Tenant]) -> list[tuple[str | None, s
 
 
 # The most that is read of a config file and of a secret file: a path to something endless
-# (/dev/zero, a pipe nobody closes) or huge is refused instead of filling the memory.
+# (/dev/zero) or huge is refused instead of filling the memory. (A pipe whose writer keeps it
+# open still blocks the read, as it would any program's.)
 CONFIG_FILE_LIMIT = 1024 * 1024
 SECRET_FILE_LIMIT = 64 * 1024
 
 
-def _read_text(path: Path, limit: int) -> str:
-    """The UTF-8 text of `path`; `ValueError` if it holds more than `limit` bytes."""
+def _read_text(path: Path, limit: int) -> str | None:
+    """The UTF-8 text of `path`, or None if it holds more than `limit` bytes."""
     with path.open("rb") as stream:
         data = stream.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"holds more than {limit // 1024} KiB")
-    return data.decode("utf-8")
+    return None if len(data) > limit else data.decode("utf-8")
+
+
+def _size(limit: int) -> str:
+    return f"{limit // 1024 // 1024} MiB" if limit % (1024 * 1024) == 0 else f"{limit // 1024} KiB"
 
 
 def _read_yaml(file: str) -> dict[str, Any]:
@@ -701,8 +704,9 @@ def _read_yaml(file: str) -> dict[str, Any]:
         raise ConfigError(file, [(None, f"cannot read the file: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(file, [(None, "the file is not UTF-8 text")]) from None
-    except ValueError as exc:
-        raise ConfigError(file, [(None, f"the file {exc}: not a config file")]) from None
+    if text is None:
+        problem = f"the file holds more than {_size(CONFIG_FILE_LIMIT)}: not a config file"
+        raise ConfigError(file, [(None, problem)])
 
     try:
         document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
@@ -915,8 +919,9 @@ def read_secret_file(path: Path, *, file: str, key: str) -> SecretStr:
         raise ConfigError(file, [(key, f"cannot read {path}: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(file, [(key, f"{path} is not UTF-8 text")]) from None
-    except ValueError as exc:
-        raise ConfigError(file, [(key, f"{path} {exc}: not a secret")]) from None
+    if text is None:
+        problem = f"{path} holds more than {_size(SECRET_FILE_LIMIT)}: not a secret"
+        raise ConfigError(file, [(key, problem)])
     secret = text.rstrip("\r\n")
     if not secret:
         raise ConfigError(file, [(key, f"{path} is empty")])

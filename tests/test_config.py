@@ -322,7 +322,7 @@ def test_an_endless_secret_or_config_file_is_refused_not_read_forever(tmp_path: 
     message = config_error(write(tmp_path, text))
     assert "auth.client_secret_file: /dev/zero holds more than 64 KiB: not a secret" in message
     message = config_error(Path("/dev/zero"))
-    assert "the file holds more than 1024 KiB: not a config file" in message
+    assert "the file holds more than 1 MiB: not a config file" in message
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
