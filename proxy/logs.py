@@ -121,38 +121,25 @@ class AccessLog:
     ) -> None:
         """Queue the line of one request (the caller checks `enabled` first)."""
         now = time.time()
-        duration_ms = round((time.perf_counter() - record.started) * 1000, 3)
-        request_id = record.request_id[:_LOGGED_REQUEST_ID]
+        # The keys and names of the operations log's JSON lines; `time` comes last.
+        fields: dict[str, Any] = {
+            "level": "INFO",
+            "logger": ACCESS_LOGGER_NAME,
+            "message": f"{method} {path} {status}",
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - record.started) * 1000, 3),
+            "upstream_ms": record.upstream_ms(),
+            "bytes_in": record.bytes_in,
+            "bytes_out": record.bytes_out,
+            "tenant": tenant,
+            "request_id": record.request_id[:_LOGGED_REQUEST_ID],
+        }
         if self._text:
-            line = self._text_line(
-                now,
-                f"{method} {path} {status}",
-                {
-                    "duration_ms": duration_ms,
-                    "upstream_ms": record.upstream_ms(),
-                    "bytes_in": record.bytes_in,
-                    "bytes_out": record.bytes_out,
-                    "tenant": tenant,
-                    "request_id": request_id,
-                },
-            )
+            line = self._text_line(now, fields)
         else:
-            # The keys, names and time format of the operations log's JSON lines.
-            fields: dict[str, Any] = {
-                "level": "INFO",
-                "logger": ACCESS_LOGGER_NAME,
-                "message": f"{method} {path} {status}",
-                "method": method,
-                "path": path,
-                "status": status,
-                "duration_ms": duration_ms,
-                "upstream_ms": record.upstream_ms(),
-                "bytes_in": record.bytes_in,
-                "bytes_out": record.bytes_out,
-                "tenant": tenant,
-                "request_id": request_id,
-                "time": self._utc_time(now),
-            }
+            fields["time"] = self._utc_time(now)
             if self._worker is not None:
                 fields["worker"] = self._worker
             line = (
@@ -201,12 +188,19 @@ class AccessLog:
             self._second_shown = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
         return f"{self._second_shown}.{int((now - second) * 1e6):06d}+00:00"
 
-    def _text_line(self, now: float, message: str, fields: dict[str, Any]) -> str:
+    def _text_line(self, now: float, fields: dict[str, Any]) -> str:
         worker = "" if self._worker is None else f" [worker {self._worker}]"
         moment = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        shown = " ".join(f"{name}={_shown(value)}" for name, value in fields.items())
+        shown = " ".join(f"{name}={_shown(fields[name])}" for name in _TEXT_FIELDS)
         milliseconds = int(now % 1 * 1000)
-        return f"{moment},{milliseconds:03d} INFO {ACCESS_LOGGER_NAME}{worker}: {message} {shown}\n"
+        return (
+            f"{moment},{milliseconds:03d} INFO {ACCESS_LOGGER_NAME}{worker}: "
+            f"{fields['message']} {shown}\n"
+        )
+
+
+# What a text access line shows after its message, in this order.
+_TEXT_FIELDS = ("duration_ms", "upstream_ms", "bytes_in", "bytes_out", "tenant", "request_id")
 
 
 access_log = AccessLog()
