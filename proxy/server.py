@@ -119,8 +119,8 @@ def raise_open_file_limit() -> None:
 # The collector's youngest generation is collected once this many more container objects
 # have been made than freed. CPython's default, 700, is passed every few requests under
 # concurrent load by the objects of the requests in flight alone: the collector ran about
-# 140 times a second at 64 connections (bench/), scanning objects still in use, for about
-# a tenth of the process's CPU time. The proxy makes almost no cyclic garbage, so a rarer
+# 140 times a second at 64 connections (bench/), scanning objects still in use, for 5-9% of
+# the process's CPU time. The proxy makes almost no cyclic garbage, so a rarer
 # collection costs little memory: at most this many objects wait for it.
 YOUNG_COLLECTION_THRESHOLD = 10_000
 
