@@ -446,7 +446,8 @@ class Forwarder:
             return web.Response(headers={hdrs.ALLOW: _ALLOWED_METHODS})
         if max_forwards is not None:
             exchange.headers[hdrs.MAX_FORWARDS] = str(max_forwards - 1)
-        # A cached token costs a dictionary lookup: no await, no lock, no allocation.
+        # A cached token is taken without an await or an asyncio lock; only the hit
+        # counter's increment holds prometheus-client's threading lock.
         key, counters = exchange.destination.key, self._counters(exchange.tenant)
         token = self._tokens.cached(key)
         if token is None:

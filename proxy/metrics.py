@@ -146,7 +146,7 @@ class Metrics:
 
     def watch_in_flight(self, requests: Sized) -> bool:
         """Have the in-flight gauge read `len(requests)` when it is scraped, so that the hot
-        path pays for no gauge update (two of its five metric updates: about 16,000
+        path pays for no gauge update (two of its five metric updates: about 14,000
         instructions a request, bench/). False under `--workers`, where prometheus-client's
         multiprocess mode reads each worker's gauge from its file: the caller then counts
         with `inc` and `dec` itself."""

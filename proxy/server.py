@@ -208,7 +208,7 @@ class ProxyServer:
 
     @property
     def tokens(self) -> TokenKeeper:
-        """The token keeper of the proxy app (once started)."""
+        """The token keeper of the proxy handler (once started)."""
         return self._handler.wiring.tokens
 
     async def reconfigure(self, settings: Settings) -> None:
