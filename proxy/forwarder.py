@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.connector import Connection
 from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -213,6 +215,49 @@ def _holds_raw_bytes(value: str) -> bool:
     return any("\udc80" <= character <= "\udcff" for character in value)
 
 
+class UpstreamConnector(aiohttp.TCPConnector):
+    """aiohttp's connection pool, minus the connections an upstream has written to while
+    they were idle in it.
+
+    aiohttp keeps reading a pooled connection and queues whatever arrives there as the
+    answer to the next request sent on it (aio-libs/aiohttp#13656, unfixed in 3.14.5): an
+    upstream that sends one answer too many, or a late body after an answer to HEAD, would
+    have it delivered to another client, perhaps another tenant's, and every later answer
+    on that connection one request late. nginx and Go close such a connection; so does
+    this, when it is taken from the pool. A stray answer that arrives after the
+    connection has been taken again cannot be told from the real one, in any HTTP/1.1
+    client; it ends at most that one exchange, as a 502 or a wrong answer.
+    """
+
+    # Connections taken from the pool and found spoilt, one after the other, before a
+    # request gives up with a 502: enough for every pooled connection an upstream that
+    # spoils each of them has left behind under ordinary concurrency.
+    SPOILT_LIMIT = 64
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> Connection:
+        for _ in range(self.SPOILT_LIMIT):
+            connection = await super().connect(req, traces, timeout)
+            protocol = connection.protocol
+            # should_close holds when an answer, bytes of one, or a parse error is queued
+            # on a connection that carries no request, as on one that is no longer usable.
+            if protocol is None or not protocol.should_close:
+                return connection
+            connection.close()
+            logger.warning(
+                "The upstream %s sent bytes on an idle kept-alive connection, an answer to no "
+                "request; the connection was closed instead of reused.",
+                req.url.origin(),
+            )
+        raise aiohttp.ClientConnectionError(
+            f"{self.SPOILT_LIMIT} connections in a row held bytes the upstream sent unasked"
+        )
+
+
 def new_upstream_session(outbound: Outbound) -> aiohttp.ClientSession:
     """The one pooled session to the upstreams: TLS as `network` says (verified unless it
     says insecure), no cookie jar, bodies as sent.
@@ -221,7 +266,7 @@ def new_upstream_session(outbound: Outbound) -> aiohttp.ClientSession:
     """
     return aiohttp.ClientSession(
         # No pool limit: the proxy holds as many upstream connections as it has clients.
-        connector=aiohttp.TCPConnector(limit=0, ssl=outbound.upstream_tls),
+        connector=UpstreamConnector(limit=0, ssl=outbound.upstream_tls),
         # Nothing one caller receives may be replayed on another caller's request.
         cookie_jar=aiohttp.DummyCookieJar(),
         # Bodies pass through as received: a gzip body keeps its bytes and Content-Encoding.
@@ -253,7 +298,7 @@ def check_request(request: web.BaseRequest) -> None:
       The router cannot match them, so this runs before its answer is used.
     - A `#` has no place in a request target; yarl would read it as a fragment and drop
       what follows, query included.
-    - Transfer codings other than chunked are not undone by aiohttp.
+    - Transfer codings other than chunked are not undone by aiohttp, and HTTP/1.0 has none.
     - TRACE would reflect the bearer token back to the client; RFC 9110 9.3.8 forbids
       sending credentials in it.
     """
@@ -270,6 +315,10 @@ def check_request(request: web.BaseRequest) -> None:
             f"fragment) to its configured upstream; it does not accept {request.method} "
             f"{logged_path(request)[:100]!r}."
         )
+    if request.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in request.headers:
+        # RFC 9112 6.1: HTTP/1.0 has no transfer codings, so the framing is faulty; a peer
+        # that reads it as HTTP/1.0 would take the chunks for a next request. As nginx.
+        raise BadRequest("An HTTP/1.0 request cannot have a Transfer-Encoding.")
     if not only_chunked(request.headers):
         # RFC 9112 6.1: aiohttp undoes only chunked; forwarding the rest as plain chunked
         # would hand the upstream gzip bytes it was not told about.
@@ -608,6 +657,10 @@ class Forwarder:
         self, exchange: _Exchange, answer: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         request = exchange.request
+        if answer.status == 101:
+            # The proxy forwards no Upgrade, so the upstream may not switch protocols
+            # (RFC 9110 7.8); aiohttp passes other 1xx by.
+            raise self._unrelayable(exchange, "a switch of protocols nobody asked for (101)")
         if not 100 <= answer.status <= 599:
             raise self._unrelayable(exchange, f"status {answer.status}")
         if not only_chunked(answer.headers):
@@ -616,6 +669,10 @@ class Forwarder:
             return await self._relay_whole(exchange, answer)
 
         response = self._relayed(exchange, lambda: ForwardedResponse(answer))
+        if request.version < HttpVersion11 and response.content_length is None:
+            # An HTTP/1.0 client reads a body without Content-Length until the connection
+            # closes (RFC 9112 6.3): aiohttp does not close a kept-alive one itself.
+            response.force_close()
         sent = 0
         try:
             await response.prepare(request)

@@ -376,6 +376,98 @@ async def raw_upstream() -> AsyncIterator[RawUpstreams]:
 
 
 @pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody",
+    ],
+    ids=["chunked", "until-close"],
+)
+async def test_an_http10_client_gets_a_body_of_unknown_length_ended_by_the_close(
+    standins: Standins, start_proxy: StartProxy, raw_upstream: RawUpstreams, answer: bytes
+) -> None:
+    """HTTP/1.0 has no chunking: a body without Content-Length ends when the connection
+    closes, even on a connection the client asked to keep alive (RFC 9112 6.3)."""
+    upstream_url = await raw_upstream.start(answer)
+    proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
+    reader, writer = await connect(proxy.proxy_url)
+    try:
+        writer.write(b"GET /x HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), timeout=5)
+    finally:
+        writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert b"content-length" not in head.lower()
+    assert b"keep-alive" not in head.lower()
+    assert body == b"body"
+
+
+async def test_a_switch_of_protocols_the_client_did_not_ask_for_is_not_relayed(
+    standins: Standins, start_proxy: StartProxy, raw_upstream: RawUpstreams
+) -> None:
+    """The proxy forwards no Upgrade header, so an upstream's 101 is a broken answer: relayed,
+    it would tell the client the connection now speaks another protocol."""
+    upstream_url = await raw_upstream.start(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    proxy = await start_proxy(standins.settings(upstream={"url": upstream_url}))
+    response = await raw_exchange(
+        proxy.proxy_url,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n",
+    )
+    assert response.status == 502
+    assert response.header_values(ERROR_HEADER) == ["upstream_unreachable"]
+    assert "(101)" in json.loads(response.body)["message"]
+    assert b"upgrade" not in raw_upstream.received[0].lower()
+
+
+async def test_an_answer_sent_on_an_idle_upstream_connection_reaches_no_client(
+    standins: Standins, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp queues what arrives on a pooled connection as the next request's answer: an
+    upstream's stray answer must not reach the next client, nor shift later answers."""
+    pushed = asyncio.Event()
+    connections: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            body = head.split(b" ", 2)[1].lstrip(b"/")  # each answer names its request
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            if body == b"first":
+                await reader_done.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Stray: yes\r\n\r\nstray")
+                await writer.drain()
+                pushed.set()
+
+    reader_done = asyncio.Event()
+    upstream = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
+        proxy = await start_proxy(standins.settings(upstream={"url": url}))
+        request = b"GET /%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+        assert (await raw_exchange(proxy.proxy_url, request % b"first")).body == b"first"
+        reader_done.set()
+        await pushed.wait()
+        await asyncio.sleep(0.05)  # a turn of the loop for the proxy to read the stray answer
+
+        for name in (b"second", b"third"):
+            response = await raw_exchange(proxy.proxy_url, request % name)
+            assert (response.status, response.body) == (200, name)
+            assert response.header_values("X-Stray") == []
+        assert len(connections) == 2  # the spoilt connection was closed, not reused
+        assert "sent bytes on an idle kept-alive connection" in caplog.text
+    finally:
+        upstream.close()
+        for writer in connections:
+            writer.close()
+        await upstream.wait_closed()
+
+
+@pytest.mark.parametrize(
     "body",
     [b"plain", b"x" * (WHOLE_ANSWER_LIMIT + 1)],
     ids=["small-read-whole", "large-streamed"],
@@ -530,6 +622,25 @@ async def test_requests_the_proxy_will_not_forward_are_refused(
     assert response.header_values(ERROR_HEADER) == ["bad_request"]
     assert json.loads(response.body)["error"] == "bad_request"
     assert b"hidden" not in response.body
+    assert list(standins.skill_engine.received) == []
+
+
+async def test_an_http10_request_with_transfer_encoding_is_refused_and_its_connection_closed(
+    standins: Standins, proxy: ProxyServer
+) -> None:
+    """RFC 9112 6.1: the framing of an HTTP/1.0 message with Transfer-Encoding is faulty;
+    what follows the chunks must not be read as a next request."""
+    smuggled = b"GET /echo/smuggled HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
+    received = await read_to_close(
+        *await connect(proxy.proxy_url),
+        b"POST /echo HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + CHUNKED_BODY + smuggled,
+    )
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    [length] = re.findall(rb"\r\nContent-Length: (\d+)", head)
+    assert len(body) == int(length)  # one answer, and the connection closed after it
+    assert json.loads(body)["error"] == "bad_request"
     assert list(standins.skill_engine.received) == []
 
 
