@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.tracing import Trace
@@ -32,6 +34,7 @@ from proxy.errors import (
     ClientGone,
     ProxyError,
     TokenUnavailable,
+    UpstreamSpokeFirst,
     UpstreamTimeout,
     UpstreamUnreachable,
     describe_client_error,
@@ -221,18 +224,19 @@ class UpstreamConnector(aiohttp.TCPConnector):
 
     aiohttp keeps reading a pooled connection and queues whatever arrives there as the
     answer to the next request sent on it (aio-libs/aiohttp#13656, unfixed in 3.14.5): an
-    upstream that sends one answer too many, or a late body after an answer to HEAD, would
-    have it delivered to another client, perhaps another tenant's, and every later answer
-    on that connection one request late. nginx and Go close such a connection; so does
-    this, when it is taken from the pool. A stray answer that arrives after the
-    connection has been taken again cannot be told from the real one, in any HTTP/1.1
-    client; it ends at most that one exchange, as a 502 or a wrong answer.
+    upstream that sends one answer too many would have it delivered to another client,
+    perhaps another tenant's, and every later answer on that connection one request late.
+    nginx and Go close such a connection; so does this, when it is taken from the pool,
+    and takes the next one, down to a new connection if every pooled one is spoilt. A
+    stray answer that arrives after the connection has been taken again cannot be told
+    from the real one, in any HTTP/1.1 client; it ends at most that one exchange, as a
+    502 or a wrong answer.
     """
 
-    # Connections taken from the pool and found spoilt, one after the other, before a
-    # request gives up with a 502: enough for every pooled connection an upstream that
-    # spoils each of them has left behind under ordinary concurrency.
-    SPOILT_LIMIT = 64
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # The connections this has handed out before: any other is new, not pooled.
+        self._handed_out: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
 
     async def connect(
         self,
@@ -240,22 +244,52 @@ class UpstreamConnector(aiohttp.TCPConnector):
         traces: list[Trace],
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
     ) -> Connection:
-        for _ in range(self.SPOILT_LIMIT):
-            connection = await super().connect(req, traces, timeout)
-            protocol = connection.protocol
-            # should_close holds when an answer, bytes of one, or a parse error is queued
-            # on a connection that carries no request, as on one that is no longer usable.
-            if protocol is None or not protocol.should_close:
-                return connection
-            connection.close()
-            logger.warning(
-                "The upstream %s sent bytes on an idle kept-alive connection, an answer to no "
-                "request; the connection was closed instead of reused.",
-                req.url.origin(),
-            )
-        raise aiohttp.ClientConnectionError(
-            f"{self.SPOILT_LIMIT} connections in a row held bytes the upstream sent unasked"
-        )
+        spoilt = 0
+        try:
+            while True:
+                connection = await super().connect(req, traces, timeout)
+                protocol = connection.protocol
+                if protocol is None:
+                    return connection
+                # On a connection still open and carrying no request, should_close holds
+                # when an answer, bytes of one, or a parse error is queued on it. (One
+                # the upstream closed fails as before once the request is sent.) The pool
+                # is finite and loses each spoilt connection: the loop ends.
+                if not protocol.should_close or not protocol.is_connected():
+                    self._handed_out.add(protocol)
+                    return connection
+                connection.close()
+                if protocol not in self._handed_out:
+                    raise UpstreamSpokeFirst()
+                spoilt += 1
+        finally:
+            if spoilt:
+                logger.warning(
+                    "The upstream %s sent an answer to no request on %d idle kept-alive "
+                    "connection(s); they were closed instead of reused.",
+                    req.url.origin(),
+                    spoilt,
+                )
+
+
+class UpstreamResponse(aiohttp.ClientResponse):
+    """aiohttp's answer, which also ends a connection whose framing cannot be trusted.
+
+    RFC 9112 6.1: a recipient of an HTTP/1.0 message with Transfer-Encoding closes the
+    connection after it. aiohttp reads such an answer as chunked and, once its body is
+    complete, pools the connection, before the forwarder has seen the answer.
+    """
+
+    async def start(self, connection: Connection) -> UpstreamResponse:
+        protocol = connection.protocol
+        await super().start(connection)
+        if (
+            protocol is not None
+            and self.version == HttpVersion10
+            and hdrs.TRANSFER_ENCODING in self.headers
+        ):
+            protocol.close()
+        return self
 
 
 def new_upstream_session(outbound: Outbound) -> aiohttp.ClientSession:
@@ -267,6 +301,7 @@ def new_upstream_session(outbound: Outbound) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         # No pool limit: the proxy holds as many upstream connections as it has clients.
         connector=UpstreamConnector(limit=0, ssl=outbound.upstream_tls),
+        response_class=UpstreamResponse,
         # Nothing one caller receives may be replayed on another caller's request.
         cookie_jar=aiohttp.DummyCookieJar(),
         # Bodies pass through as received: a gzip body keeps its bytes and Content-Encoding.
@@ -660,16 +695,26 @@ class Forwarder:
         if answer.status == 101:
             # The proxy forwards no Upgrade, so the upstream may not switch protocols
             # (RFC 9110 7.8); aiohttp passes other 1xx by.
-            raise self._unrelayable(exchange, "a switch of protocols nobody asked for (101)")
+            raise self._unrelayable(
+                exchange, "a switch of protocols (101), which the proxy never asks for"
+            )
         if not 100 <= answer.status <= 599:
             raise self._unrelayable(exchange, f"status {answer.status}")
+        if answer.version == HttpVersion10 and hdrs.TRANSFER_ENCODING in answer.headers:
+            # RFC 9112 6.1: HTTP/1.0 has no transfer codings, so the framing is faulty
+            # (UpstreamResponse has closed the connection).
+            raise self._unrelayable(exchange, "HTTP/1.0 with a Transfer-Encoding")
         if not only_chunked(answer.headers):
             raise self._unrelayable(exchange, "a transfer coding other than chunked")
         if is_small(request, answer):
             return await self._relay_whole(exchange, answer)
 
         response = self._relayed(exchange, lambda: ForwardedResponse(answer))
-        if request.version < HttpVersion11 and response.content_length is None:
+        if (
+            request.version < HttpVersion11
+            and response.content_length is None
+            and has_body(request, answer)
+        ):
             # An HTTP/1.0 client reads a body without Content-Length until the connection
             # closes (RFC 9112 6.3): aiohttp does not close a kept-alive one itself.
             response.force_close()
@@ -740,12 +785,13 @@ def is_small(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> bool:
     Transfer-Encoding, as RFC 9112 6.3 allows.)
     """
     length = answer.content_length
-    return (
-        length is not None
-        and length <= WHOLE_ANSWER_LIMIT
-        and request.method != hdrs.METH_HEAD
-        and answer.status not in (204, 304)
-    )
+    return length is not None and length <= WHOLE_ANSWER_LIMIT and has_body(request, answer)
+
+
+def has_body(request: web.BaseRequest, answer: aiohttp.ClientResponse) -> bool:
+    """Whether `answer` may carry a body (RFC 9110 6.4.1: none to HEAD, in 204 or 304; 1xx
+    answers are not relayed)."""
+    return request.method != hdrs.METH_HEAD and answer.status not in (204, 304)
 
 
 def _timeout(upstream: UpstreamSettings) -> aiohttp.ClientTimeout:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.forwarder import WHOLE_ANSWER_LIMIT
+from proxy.errors import UpstreamSpokeFirst, describe_client_error
+from proxy.forwarder import WHOLE_ANSWER_LIMIT, UpstreamConnector
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
@@ -422,49 +424,203 @@ async def test_a_switch_of_protocols_the_client_did_not_ask_for_is_not_relayed(
     assert b"upgrade" not in raw_upstream.received[0].lower()
 
 
+class KeptAliveUpstream:
+    """A raw upstream that keeps its connections open and answers each request on them with
+    what `respond` makes of the request's head; it can push bytes nobody asked for on
+    every connection it holds."""
+
+    def __init__(self, respond: Callable[[bytes], Awaitable[bytes]]) -> None:
+        self.connections: list[asyncio.StreamWriter] = []
+        self._respond = respond
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections.append(writer)
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while head := await reader.readuntil(b"\r\n\r\n"):
+                    writer.write(await self._respond(head))
+                    await writer.drain()
+
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def push(self, data: bytes) -> None:
+        """Send `data` on every open connection, then give the proxy, which runs in this
+        event loop, a moment to read it."""
+        for writer in self.connections:
+            writer.write(data)
+            await writer.drain()
+        await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for writer in self.connections:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def named_answer(head: bytes) -> bytes:
+    """An answer whose body is the request's path without its slash."""
+    body = head.split(b" ", 2)[1].lstrip(b"/")
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+STRAY_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Stray: yes\r\n\r\nstray"
+CLOSE_REQUEST = b"GET /%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
 async def test_an_answer_sent_on_an_idle_upstream_connection_reaches_no_client(
     standins: Standins, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     """aiohttp queues what arrives on a pooled connection as the next request's answer: an
     upstream's stray answer must not reach the next client, nor shift later answers."""
-    pushed = asyncio.Event()
-    connections: list[asyncio.StreamWriter] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(writer)
-        while head := await reader.readuntil(b"\r\n\r\n"):
-            body = head.split(b" ", 2)[1].lstrip(b"/")  # each answer names its request
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-            await writer.drain()
-            if body == b"first":
-                await reader_done.wait()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Stray: yes\r\n\r\nstray")
-                await writer.drain()
-                pushed.set()
-
-    reader_done = asyncio.Event()
-    upstream = await asyncio.start_server(serve, "127.0.0.1", 0)
+    upstream = KeptAliveUpstream(named_answer)
     try:
-        url = f"http://127.0.0.1:{upstream.sockets[0].getsockname()[1]}"
-        proxy = await start_proxy(standins.settings(upstream={"url": url}))
-        request = b"GET /%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-
-        assert (await raw_exchange(proxy.proxy_url, request % b"first")).body == b"first"
-        reader_done.set()
-        await pushed.wait()
-        await asyncio.sleep(0.05)  # a turn of the loop for the proxy to read the stray answer
+        proxy = await start_proxy(standins.settings(upstream={"url": await upstream.start()}))
+        assert (await raw_exchange(proxy.proxy_url, CLOSE_REQUEST % b"first")).body == b"first"
+        await upstream.push(STRAY_ANSWER)
 
         for name in (b"second", b"third"):
-            response = await raw_exchange(proxy.proxy_url, request % name)
+            response = await raw_exchange(proxy.proxy_url, CLOSE_REQUEST % name)
             assert (response.status, response.body) == (200, name)
             assert response.header_values("X-Stray") == []
-        assert len(connections) == 2  # the spoilt connection was closed, not reused
-        assert "sent bytes on an idle kept-alive connection" in caplog.text
+        assert len(upstream.connections) == 2  # the spoilt connection was closed, not reused
+        assert "an answer to no request on 1 idle kept-alive connection" in caplog.text
     finally:
-        upstream.close()
-        for writer in connections:
+        await upstream.close()
+
+
+async def test_a_request_passes_over_every_spoilt_pooled_connection(
+    standins: Standins, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """However many pooled connections an upstream has spoilt, a request ends on a usable
+    one, and the log says so once."""
+    spoilt = 70
+    all_in = asyncio.Event()
+    arrived = 0
+
+    async def held_answer(head: bytes) -> bytes:
+        nonlocal arrived
+        arrived += 1
+        if arrived == spoilt:
+            all_in.set()
+        await all_in.wait()  # every request holds its own upstream connection
+        return await named_answer(head)
+
+    upstream = KeptAliveUpstream(held_answer)
+    try:
+        proxy = await start_proxy(standins.settings(upstream={"url": await upstream.start()}))
+        names = [b"held%d" % number for number in range(spoilt)]
+        held = await asyncio.gather(
+            *(raw_exchange(proxy.proxy_url, CLOSE_REQUEST % name) for name in names)
+        )
+        assert [response.body for response in held] == names
+        assert len(upstream.connections) == spoilt
+        await upstream.push(STRAY_ANSWER)
+
+        response = await raw_exchange(proxy.proxy_url, CLOSE_REQUEST % b"next")
+        assert (response.status, response.body) == (200, b"next")
+        assert len(upstream.connections) == spoilt + 1
+        warnings = [r for r in caplog.records if "an answer to no request" in r.getMessage()]
+        assert len(warnings) == 1
+        assert f"on {spoilt} idle kept-alive connection" in warnings[0].getMessage()
+    finally:
+        await upstream.close()
+
+
+async def test_an_upstream_that_answers_before_it_is_asked_is_not_believed() -> None:
+    """Bytes on a new connection before the request is sent are no answer to it; the
+    connector gives up at once rather than trying connection after connection."""
+    written = asyncio.Event()
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def speak_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        writer.write(STRAY_ANSWER)
+        await writer.drain()
+        written.set()
+        await reader.read()
+
+    async def after_connect(*_: object) -> None:
+        await written.wait()
+        await asyncio.sleep(0.01)  # a turn of the loop to receive what was written
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_connection_create_end.append(after_connect)
+    server = await asyncio.start_server(speak_first, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x"
+    try:
+        async with aiohttp.ClientSession(
+            connector=UpstreamConnector(limit=0), trace_configs=[tracing]
+        ) as session:
+            with pytest.raises(UpstreamSpokeFirst) as raised:
+                await session.get(url)
+        assert len(accepted) == 1
+        assert "before it was asked" in describe_client_error(raised.value)
+    finally:
+        for writer in accepted:
             writer.close()
-        await upstream.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("request_line", "answer"),
+    [
+        (b"GET /x", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (b"GET /x", b'HTTP/1.1 304 Not Modified\r\nETag: "a"\r\n\r\n'),
+        (b"HEAD /x", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+    ],
+    ids=["204", "304", "head-of-chunked"],
+)
+async def test_an_http10_client_keeps_its_connection_after_an_answer_without_body(
+    standins: Standins, start_proxy: StartProxy, request_line: bytes, answer: bytes
+) -> None:
+    """Only a body of unknown length needs the close to end it (RFC 9112 6.3); these
+    answers have none, so a kept-alive HTTP/1.0 connection carries the next request."""
+
+    async def fixed(_: bytes) -> bytes:
+        return answer
+
+    upstream = KeptAliveUpstream(fixed)
+    try:
+        proxy = await start_proxy(standins.settings(upstream={"url": await upstream.start()}))
+        reader, writer = await connect(proxy.proxy_url)
+        try:
+            for _ in range(2):
+                writer.write(request_line + b" HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+                assert head.split(b" ", 2)[1] == answer.split(b" ", 2)[1]
+        finally:
+            writer.close()
+    finally:
+        await upstream.close()
+
+
+async def test_an_http10_answer_with_a_transfer_coding_is_not_relayed(
+    standins: Standins, start_proxy: StartProxy
+) -> None:
+    """RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means faulty framing; the
+    answer is refused and its connection not reused."""
+
+    async def faulty(_: bytes) -> bytes:
+        return (
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+
+    upstream = KeptAliveUpstream(faulty)
+    try:
+        proxy = await start_proxy(standins.settings(upstream={"url": await upstream.start()}))
+        for name in (b"one", b"two"):
+            response = await raw_exchange(proxy.proxy_url, CLOSE_REQUEST % name)
+            assert response.status == 502
+            assert "HTTP/1.0 with a Transfer-Encoding" in json.loads(response.body)["message"]
+        assert len(upstream.connections) == 2
+    finally:
+        await upstream.close()
 
 
 @pytest.mark.parametrize(
