@@ -11,6 +11,7 @@ import logging
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 from pydantic import SecretStr
@@ -261,9 +262,31 @@ class TokenEndpoint:
         # Mask first: trimming or replacing characters could break the secret's match.
         for secret in self._secrets:
             if secret is not None:
-                words = words.replace(secret.get_secret_value(), "***")
+                masked = _masked(words, secret.get_secret_value())
+                if masked is None:
+                    return ": (the answer's words are left out: they hold the client secret)"
+                words = masked
         words = "".join(c if c.isprintable() else " " for c in words)[:300]
         return f": {words}"
+
+
+def _masked(words: str, secret: str) -> str | None:
+    """`words` with `secret` masked as written and as a JSON string or a URL would carry
+    it (an endpoint that echoes the request body escapes it), or None if the secret's
+    letters and digits still stand in them in a spelling not foreseen here."""
+    as_json = {json.dumps(secret, ensure_ascii=ascii_only)[1:-1] for ascii_only in (True, False)}
+    spellings = {secret, quote(secret, safe=""), quote_plus(secret)} | as_json
+    spellings |= {spelling.replace("/", "\\/") for spelling in as_json}  # JSON may escape /
+    for spelling in sorted(spellings, key=len, reverse=True):
+        words = words.replace(spelling, "***")
+    skeleton = "".join(filter(str.isalnum, secret))
+    if len(skeleton) >= _SKELETON_MIN and skeleton in "".join(filter(str.isalnum, words)):
+        return None
+    return words
+
+
+# Letters and digits of a secret from which a match in other words is no accident.
+_SKELETON_MIN = 8
 
 
 async def _read_limited(response: aiohttp.ClientResponse) -> bytes:

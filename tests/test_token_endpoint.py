@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -127,6 +128,36 @@ async def test_a_secret_echoed_by_the_endpoint_is_masked(standins: Standins, fet
         await fetch()
     assert SECRET not in str(caught.value)
     assert "bad secret ***" in str(caught.value)
+
+
+HARD_SECRET = 'se"c\\ret/\u00e9-LEAKME'
+
+
+@pytest.mark.parametrize(
+    ("echo", "masked"),
+    [
+        (lambda secret: json.dumps({"client_secret": secret}), True),
+        (lambda secret: json.dumps({"client_secret": secret}, ensure_ascii=False), True),
+        (lambda secret: json.dumps({"client_secret": secret}).replace("/", "\\/"), True),
+        (lambda secret: urlencode({"client_secret": secret}), True),
+        (lambda secret: repr(secret), False),
+    ],
+    ids=["json-ascii", "json-utf8", "json-slash", "form", "unforeseen"],
+)
+async def test_a_secret_echoed_in_an_escaped_spelling_is_masked(
+    standins: Standins, fetch: Any, echo: Callable[[str], str], masked: bool
+) -> None:
+    """An endpoint that echoes the request body quotes the secret as JSON or a form
+    escapes it; a spelling not foreseen leaves the endpoint's words out altogether."""
+    standins.tokens.answer_next(
+        Answer(400, {"error": "invalid_request", "error_description": f"got {echo(HARD_SECRET)}"})
+    )
+    with pytest.raises(BadTokenResponse) as caught:
+        await fetch(client_secret=HARD_SECRET)
+    message = str(caught.value)
+    assert "LEAKME" not in message
+    assert ("***" in message) is masked
+    assert ("left out" in message) is not masked
 
 
 @pytest.mark.parametrize(
