@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import ListenAddress, RouteSettings, Settings, Tenant
-from proxy.errors import NoRoute, ScopeNotAllowed
+from proxy.errors import BadRequest, NoRoute, ScopeNotAllowed
 from proxy.tokens import TokenKey
 
 TENANT_HEADER = "X-Skill-Engine-Tenant"
@@ -91,7 +91,7 @@ class Router:
                 continue
             tenant = route.tenant
             if route.header:
-                tenant = self.tenants.get(request.headers.get(TENANT_HEADER, ""))
+                tenant = self.tenants.get(self._named_tenant(request))
                 if tenant is None:
                     continue
             assert tenant is not None
@@ -113,6 +113,15 @@ class Router:
             name = name[:2]
         return self._sockets.get(name)
 
+    def _named_tenant(self, request: web.BaseRequest) -> str:
+        """The tenant the request's header names. Several (repeated header lines, or a
+        list, which RFC 9110 5.3 makes the same thing) is a 400: picking one would let
+        whichever came first decide whose token the request carries."""
+        values = request.headers.getall(TENANT_HEADER, ())
+        if len(values) > 1 or (values and "," in values[0] and values[0] not in self.tenants):
+            raise BadRequest(f"The {TENANT_HEADER} header must name one tenant.")
+        return values[0] if values else ""
+
     def _allowed(self, route: _Route, tenant: Tenant) -> tuple[str, ...] | None:
         return route.scopes if route.scopes is not None else tenant.auth.scopes
 
@@ -120,7 +129,9 @@ class Router:
         self, request: web.BaseRequest, route: _Route, tenant: Tenant
     ) -> tuple[str, ...] | None:
         allowed = self._allowed(route, tenant)
-        asked = request.headers.get(SCOPES_HEADER, "").split()
+        # Repeated lines are one list (RFC 9110 5.3): scopes are separated by spaces or
+        # commas, within a line or across lines.
+        asked = ",".join(request.headers.getall(SCOPES_HEADER, ())).replace(",", " ").split()
         if not asked:
             return allowed
         wanted = tuple(sorted(set(asked)))

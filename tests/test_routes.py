@@ -169,6 +169,59 @@ async def test_a_request_may_ask_for_a_subset_of_its_routes_scopes(
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [
+        [b"X-Skill-Engine-Tenant: beta", b"X-Skill-Engine-Tenant: acme"],
+        [b"X-Skill-Engine-Tenant: acme", b"X-Skill-Engine-Tenant: beta"],
+        [b"X-Skill-Engine-Tenant: acme", b"X-Skill-Engine-Tenant: acme"],
+        [b"X-Skill-Engine-Tenant: beta, acme"],
+    ],
+    ids=["beta-then-acme", "acme-then-beta", "twice", "list"],
+)
+async def test_a_header_naming_several_tenants_is_refused(
+    fleet: Fleet, proxy: ProxyServer, headers: list[bytes]
+) -> None:
+    """Neither the first nor the last may win: a gateway that adds its own tenant header
+    after the client's would otherwise be overruled by it."""
+    status, answer = await get(proxy, "/echo", *headers)
+    assert status == 400
+    assert answer["error"] == "bad_request"
+    assert list(fleet.acme.tokens.requests) == list(fleet.beta.tokens.requests) == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [b"X-Skill-Engine-Scopes: read", b"X-Skill-Engine-Scopes: write"],
+        [b"X-Skill-Engine-Scopes: read, write"],
+        [b"X-Skill-Engine-Scopes: write,read"],
+    ],
+    ids=["two-lines", "comma-space", "comma"],
+)
+async def test_scopes_asked_for_in_a_list_or_on_several_lines_are_all_asked_for(
+    fleet: Fleet, proxy: ProxyServer, headers: list[bytes]
+) -> None:
+    status, _ = await get(proxy, "/echo", b"X-Skill-Engine-Tenant: acme", *headers)
+    assert status == 200
+    [token_request] = fleet.acme.tokens.requests
+    assert token_request.json()["scopes"] == ["read", "write"]
+
+
+async def test_a_scope_not_allowed_on_a_second_line_is_not_ignored(
+    fleet: Fleet, proxy: ProxyServer
+) -> None:
+    status, answer = await get(
+        proxy,
+        "/echo",
+        b"X-Skill-Engine-Tenant: acme",
+        b"X-Skill-Engine-Scopes: read",
+        b"X-Skill-Engine-Scopes: read_reports",
+    )
+    assert status == 403
+    assert answer["error"] == "scope_not_allowed"
+
+
+@pytest.mark.parametrize(
     ("target", "headers"),
     [
         ("/acme/echo", [b"X-Skill-Engine-Scopes: write"]),
