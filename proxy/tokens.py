@@ -52,6 +52,10 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # expires_in and a JWT's exp this far apart mean one of the two clocks is off.
 _CLOCK_SKEW_WARNING = 60.0
 
+# Auth0's longest access token lifetime (30 days): a longer expires_in is a mistake or
+# hostile, and taken as this, so that the token is still renewed some day.
+MAX_LIFETIME = 30 * 24 * 3600.0
+
 # Retries of a failed fetch: full jitter over base * 2**n, never more than the cap.
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
@@ -254,6 +258,15 @@ def parse_token_response(
         raise BadTokenResponse(
             f"The token endpoint {endpoint} answered 200 without a positive expires_in."
         )
+    if lifetime > MAX_LIFETIME:
+        logger.warning(
+            "The token endpoint %s gave a token expires_in %.0f s, longer than any Auth0 "
+            "access token lives; it is taken as %.0f s (30 days).",
+            endpoint,
+            lifetime,
+            MAX_LIFETIME,
+        )
+        lifetime = MAX_LIFETIME
 
     exp = _jwt_expiry(access_token)
     exp_skew = None if exp is None else exp - (wall_time + lifetime)

@@ -25,6 +25,7 @@ from proxy.errors import (
 from proxy.tokens import (
     BACKOFF_BASE,
     BACKOFF_CAP,
+    MAX_LIFETIME,
     REFRESH_JITTER,
     REFUSAL_HOLD_OFF,
     REFUSAL_HOLD_OFF_CAP,
@@ -183,6 +184,16 @@ def test_expires_in_may_be_a_number_or_a_numeric_string(expires_in: object) -> N
     assert token.lifetime == float(str(expires_in).strip())
     assert token.expires_at == token.lifetime
     assert token.authorization.get_secret_value() == "Bearer abc"
+
+
+@pytest.mark.parametrize("expires_in", [MAX_LIFETIME + 1, 1e20, "1e300"])
+def test_an_expires_in_past_any_auth0_lifetime_is_taken_as_the_longest(
+    expires_in: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = parse({"access_token": "abc", "expires_in": expires_in, "token_type": "Bearer"})
+    assert token.lifetime == MAX_LIFETIME
+    assert token.expires_at == MAX_LIFETIME
+    assert "taken as 2592000 s" in caplog.text
 
 
 @pytest.mark.parametrize(
