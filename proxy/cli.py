@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -36,6 +37,8 @@ from proxy.server import EVENT_LOOPS, has_uvloop, run_event_loop, serve
 from proxy.store import TokenStoreError
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key
 from proxy.workers import run_workers
+
+logger = logging.getLogger("skill_engine_proxy")
 
 CONFIG_VARIABLE = "SKILL_ENGINE_PROXY_CONFIG"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -78,7 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skill-engine-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (ListenError, TokenStoreError) as exc:
-        print(f"skill-engine-proxy: {exc}", file=sys.stderr)
+        # The config has been read: this goes out as the log's format says.
+        hint = ""
+        if arguments.command == "demo" and isinstance(exc, ListenError):
+            hint = " Choose other addresses with --listen and --admin-listen."
+        logger.error("%s%s", exc, hint)
         return EXIT_FAILED
 
 

@@ -405,15 +405,33 @@ async def test_demo_on_a_unix_socket_prints_curl_lines_that_work(tmp_path: Path)
     assert not path.exists()
 
 
-async def test_a_taken_port_exits_1(standins: Standins, config_for: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_a_taken_port_exits_1_saying_so_in_the_logs_format(
+    standins: Standins, config_for: Callable[..., Path], log_format: str
+) -> None:
     async with running_proxy(config_for(standins)) as first:
         port = first.proxy_url.rsplit(":", 1)[1]
         document = settings_document(standins.token_url, standins.upstream_url)
         document["listen"] = f"127.0.0.1:{port}"
+        document["log"] = {"format": log_format}
         config = write_config(Path(str(config_for(standins)) + ".second.yaml"), document)
         status, _, stderr = await run_command("run", "--config", str(config))
     assert status == 1
-    assert f"Cannot listen on 127.0.0.1:{port}" in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert f"Cannot listen on 127.0.0.1:{port}" in last
+    if log_format == "json":
+        assert json.loads(last)["level"] == "ERROR"
+
+
+async def test_a_demo_on_a_taken_port_says_how_to_choose_another() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        status, _, stderr = await run_command("demo", "--listen", address)
+    assert status == 1
+    assert f"Cannot listen on {address}" in stderr
+    assert "--listen" in stderr
 
 
 def _vm_kib(pid: int, field_name: str) -> int:

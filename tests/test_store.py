@@ -179,7 +179,7 @@ async def test_run_with_an_unusable_directory_exits_1_naming_the_key_and_the_pat
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 1
     message = f"token_store.path: the token store directory {directory} {problem}."
-    assert stderr.decode().strip().endswith(f"skill-engine-proxy: {message}")
+    assert stderr.decode().strip().endswith(message)
 
 
 async def test_a_damaged_token_file_is_replaced(store_dir: Path) -> None:
