@@ -15,9 +15,9 @@
     ├── ScopeNotAllowed              403 scope_not_allowed
     └── ClientGone                   the client hung up first; counted as 499, never sent
 
-    UpstreamSpokeFirst               not a ProxyError: an aiohttp ClientConnectionError for
-                                     an upstream that answered on a new connection before
-                                     it was asked; the forwarder makes it a 502
+    ServerSpokeFirst                 not a ProxyError: an aiohttp ClientConnectionError for
+                                     a server that answered on a new connection before it
+                                     was asked; a 502, or a token endpoint failure
     UnrelayableHeader                not a ProxyError (in proxy.forwarder): a header value
                                      aiohttp would alter; the forwarder turns it into
                                      BadRequest or UpstreamUnreachable
@@ -144,8 +144,8 @@ class ClientGone(ProxyError):
     code = "client_closed_request"
 
 
-class UpstreamSpokeFirst(aiohttp.ClientConnectionError):
-    """An upstream sent an answer on a new connection before any request was sent on it."""
+class ServerSpokeFirst(aiohttp.ClientConnectionError):
+    """A server sent an answer on a new connection before any request was sent on it."""
 
 
 def describe_client_error(exc: BaseException) -> str:
@@ -176,7 +176,7 @@ def describe_client_error(exc: BaseException) -> str:
         return f"not a valid HTTP answer ({_words(exc.message)})"
     if isinstance(exc, aiohttp.ClientOSError):
         return exc.strerror or "the connection failed"
-    if isinstance(exc, UpstreamSpokeFirst):
+    if isinstance(exc, ServerSpokeFirst):
         return "it sent an answer on a new connection before it was asked anything"
     return type(exc).__name__
 

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import re
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -20,10 +19,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import hdrs, web
-from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 from aiohttp.http import HttpVersion10, HttpVersion11
-from aiohttp.tracing import Trace
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -34,14 +31,13 @@ from proxy.errors import (
     ClientGone,
     ProxyError,
     TokenUnavailable,
-    UpstreamSpokeFirst,
     UpstreamTimeout,
     UpstreamUnreachable,
     describe_client_error,
 )
 from proxy.logs import REQUEST_ID_HEADER, AccessRecord
 from proxy.metrics import Metrics
-from proxy.network import Outbound
+from proxy.network import GuardedConnector, Outbound
 from proxy.routes import SCOPES_HEADER, TENANT_HEADER, Destination
 from proxy.tokens import Token, TokenKeeper, TokenKey
 
@@ -218,60 +214,6 @@ def _holds_raw_bytes(value: str) -> bool:
     return any("\udc80" <= character <= "\udcff" for character in value)
 
 
-class UpstreamConnector(aiohttp.TCPConnector):
-    """aiohttp's connection pool, minus the connections an upstream has written to while
-    they were idle in it.
-
-    aiohttp keeps reading a pooled connection and queues whatever arrives there as the
-    answer to the next request sent on it (aio-libs/aiohttp#13656, unfixed in 3.14.5): an
-    upstream that sends one answer too many would have it delivered to another client,
-    perhaps another tenant's, and every later answer on that connection one request late.
-    nginx and Go close such a connection; so does this, when it is taken from the pool,
-    and takes the next one, down to a new connection if every pooled one is spoilt. A
-    stray answer that arrives after the connection has been taken again cannot be told
-    from the real one, in any HTTP/1.1 client; it ends at most that one exchange, as a
-    502 or a wrong answer.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # The connections this has handed out before: any other is new, not pooled.
-        self._handed_out: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
-
-    async def connect(
-        self,
-        req: aiohttp.ClientRequest,
-        traces: list[Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
-    ) -> Connection:
-        spoilt = 0
-        try:
-            while True:
-                connection = await super().connect(req, traces, timeout)
-                protocol = connection.protocol
-                if protocol is None:
-                    return connection
-                # On a connection still open and carrying no request, should_close holds
-                # when an answer, bytes of one, or a parse error is queued on it. (One
-                # the upstream closed fails as before once the request is sent.) The pool
-                # is finite and loses each spoilt connection: the loop ends.
-                if not protocol.should_close or not protocol.is_connected():
-                    self._handed_out.add(protocol)
-                    return connection
-                connection.close()
-                if protocol not in self._handed_out:
-                    raise UpstreamSpokeFirst()
-                spoilt += 1
-        finally:
-            if spoilt:
-                logger.warning(
-                    "The upstream %s sent an answer to no request on %d idle kept-alive "
-                    "connection(s); they were closed instead of reused.",
-                    req.url.origin(),
-                    spoilt,
-                )
-
-
 class UpstreamResponse(aiohttp.ClientResponse):
     """aiohttp's answer, which also ends a connection whose framing cannot be trusted.
 
@@ -300,7 +242,7 @@ def new_upstream_session(outbound: Outbound) -> aiohttp.ClientSession:
     """
     return aiohttp.ClientSession(
         # No pool limit: the proxy holds as many upstream connections as it has clients.
-        connector=UpstreamConnector(limit=0, ssl=outbound.upstream_tls),
+        connector=GuardedConnector(limit=0, ssl=outbound.upstream_tls),
         response_class=UpstreamResponse,
         # Nothing one caller receives may be replayed on another caller's request.
         cookie_jar=aiohttp.DummyCookieJar(),

@@ -14,13 +14,19 @@ import logging
 import os
 import ssl
 import urllib.request
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from yarl import URL
 
 from proxy.config import NetworkSettings, Settings, is_loopback, parse_proxy_url
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, ServerSpokeFirst
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -183,3 +189,58 @@ def tls_context(settings: NetworkSettings, *, for_upstream: bool) -> ssl.SSLCont
     # The proxy speaks HTTP/1.1 on both sides, as aiohttp's own contexts announce.
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """aiohttp's connection pool, minus the connections a server has written to while they
+    were idle in it. Both the upstreams' and the token endpoints' sessions use it.
+
+    aiohttp keeps reading a pooled connection and queues whatever arrives there as the
+    answer to the next request sent on it (aio-libs/aiohttp#13656, unfixed in 3.14.5): an
+    upstream that sends one answer too many would have it delivered to another client,
+    perhaps another tenant's, and every later answer on that connection one request late;
+    a token endpoint's, as the token of the next token request, perhaps another tenant's.
+    nginx and Go close such a connection; so does this, when it is taken from the pool,
+    and takes the next one, down to a new connection if every pooled one is spoilt. A
+    stray answer that arrives after the connection has been taken again cannot be told
+    from the real one, in any HTTP/1.1 client; it ends at most that one exchange, as a
+    502 or a wrong answer.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # The connections this has handed out before: any other is new, not pooled.
+        self._handed_out: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> Connection:
+        spoilt = 0
+        try:
+            while True:
+                connection = await super().connect(req, traces, timeout)
+                protocol = connection.protocol
+                if protocol is None:
+                    return connection
+                # On a connection still open and carrying no request, should_close holds
+                # when an answer, bytes of one, or a parse error is queued on it. (One
+                # the server closed fails as before once the request is sent.) The pool
+                # is finite and loses each spoilt connection: the loop ends.
+                if not protocol.should_close or not protocol.is_connected():
+                    self._handed_out.add(protocol)
+                    return connection
+                connection.close()
+                if protocol not in self._handed_out:
+                    raise ServerSpokeFirst()
+                spoilt += 1
+        finally:
+            if spoilt:
+                logger.warning(
+                    "%s sent an answer to no request on %d idle kept-alive "
+                    "connection(s); they were closed instead of reused.",
+                    req.url.origin(),
+                    spoilt,
+                )

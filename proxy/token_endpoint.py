@@ -26,7 +26,7 @@ from proxy.errors import (
     describe_client_error,
 )
 from proxy.metrics import Metrics
-from proxy.network import Outbound
+from proxy.network import GuardedConnector, Outbound
 from proxy.tokens import Clock, SystemClock, Token, TokenKey, parse_token_response
 
 logger = logging.getLogger("skill_engine_proxy")
@@ -87,7 +87,7 @@ def new_token_session(outbound: Outbound) -> aiohttp.ClientSession:
     the Accept-Encoding aiohttp would add by default.
     """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=outbound.token_tls),
+        connector=GuardedConnector(ssl=outbound.token_tls),
         timeout=aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT),
         cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": f"skill-engine-proxy/{__version__}"},

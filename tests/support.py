@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,3 +281,43 @@ async def running_command(command: list[str], env: dict[str, str]) -> AsyncItera
             process.kill()
             await process.wait()
         await reader
+
+
+class KeptAliveUpstream:
+    """A raw server that keeps its connections open and answers each request on them (its
+    body, if it has a Content-Length, read and dropped) with what `respond` makes of the
+    request's head; it can push bytes nobody asked for on every connection it holds."""
+
+    def __init__(self, respond: Callable[[bytes], Awaitable[bytes]]) -> None:
+        self.connections: list[asyncio.StreamWriter] = []
+        self._respond = respond
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections.append(writer)
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while head := await reader.readuntil(b"\r\n\r\n"):
+                    length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+                    if length:
+                        await reader.readexactly(int(length.group(1)))
+                    writer.write(await self._respond(head))
+                    await writer.drain()
+
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def push(self, data: bytes) -> None:
+        """Send `data` on every open connection, then give the proxy, which runs in this
+        event loop, a moment to read it."""
+        for writer in self.connections:
+            writer.write(data)
+            await writer.drain()
+        await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for writer in self.connections:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import hashlib
 import json
 import re
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.errors import UpstreamSpokeFirst, describe_client_error
-from proxy.forwarder import WHOLE_ANSWER_LIMIT, UpstreamConnector
+from proxy.errors import ServerSpokeFirst, describe_client_error
+from proxy.forwarder import WHOLE_ANSWER_LIMIT
+from proxy.network import GuardedConnector
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
-from tests.support import HeldRoute, connect, raw_exchange, read_to_close, sample
+from tests.support import (
+    HeldRoute,
+    KeptAliveUpstream,
+    connect,
+    raw_exchange,
+    read_to_close,
+    sample,
+)
 
 ERROR_HEADER = "X-Skill-Engine-Proxy-Error"
 
@@ -424,43 +431,6 @@ async def test_a_switch_of_protocols_the_client_did_not_ask_for_is_not_relayed(
     assert b"upgrade" not in raw_upstream.received[0].lower()
 
 
-class KeptAliveUpstream:
-    """A raw upstream that keeps its connections open and answers each request on them with
-    what `respond` makes of the request's head; it can push bytes nobody asked for on
-    every connection it holds."""
-
-    def __init__(self, respond: Callable[[bytes], Awaitable[bytes]]) -> None:
-        self.connections: list[asyncio.StreamWriter] = []
-        self._respond = respond
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.connections.append(writer)
-            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-                while head := await reader.readuntil(b"\r\n\r\n"):
-                    writer.write(await self._respond(head))
-                    await writer.drain()
-
-        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def push(self, data: bytes) -> None:
-        """Send `data` on every open connection, then give the proxy, which runs in this
-        event loop, a moment to read it."""
-        for writer in self.connections:
-            writer.write(data)
-            await writer.drain()
-        await asyncio.sleep(0.05)
-
-    async def close(self) -> None:
-        for writer in self.connections:
-            writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
 async def named_answer(head: bytes) -> bytes:
     """An answer whose body is the request's path without its slash."""
     body = head.split(b" ", 2)[1].lstrip(b"/")
@@ -553,9 +523,9 @@ async def test_an_upstream_that_answers_before_it_is_asked_is_not_believed() -> 
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/x"
     try:
         async with aiohttp.ClientSession(
-            connector=UpstreamConnector(limit=0), trace_configs=[tracing]
+            connector=GuardedConnector(limit=0), trace_configs=[tracing]
         ) as session:
-            with pytest.raises(UpstreamSpokeFirst) as raised:
+            with pytest.raises(ServerSpokeFirst) as raised:
                 await session.get(url)
         assert len(accepted) == 1
         assert "before it was asked" in describe_client_error(raised.value)

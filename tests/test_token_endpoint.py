@@ -24,7 +24,7 @@ from proxy.standins import Answer
 from proxy.token_endpoint import TokenEndpoint, new_token_session, token_key, token_request_body
 from proxy.tokens import Token
 from tests.conftest import Standins
-from tests.support import AUDIENCE, CLIENT_ID, SECRET, TENANT
+from tests.support import AUDIENCE, CLIENT_ID, SECRET, TENANT, KeptAliveUpstream
 
 
 @pytest.fixture
@@ -158,6 +158,38 @@ async def test_a_secret_echoed_in_an_escaped_spelling_is_masked(
     assert "LEAKME" not in message
     assert ("***" in message) is masked
     assert ("left out" in message) is not masked
+
+
+def token_answer(access_token: str) -> bytes:
+    body = json.dumps({"access_token": access_token, "expires_in": 3600}).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def test_an_answer_sent_on_an_idle_token_connection_is_no_ones_token(
+    fetch: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token endpoint's stray answer on a pooled connection would be taken as the next
+    token request's answer, perhaps another tenant's."""
+    issued = 0
+
+    async def token(_: bytes) -> bytes:
+        nonlocal issued
+        issued += 1
+        return token_answer(f"token-{issued}")
+
+    endpoint = KeptAliveUpstream(token)
+    try:
+        url = await endpoint.start() + "/oauth/token"
+        first = await fetch(token_url=url)
+        assert first.authorization.get_secret_value() == "Bearer token-1"
+        await endpoint.push(token_answer("stray"))
+
+        second = await fetch(token_url=url)
+        assert second.authorization.get_secret_value() == "Bearer token-2"
+        assert len(endpoint.connections) == 2
+        assert "an answer to no request on 1 idle kept-alive connection" in caplog.text
+    finally:
+        await endpoint.close()
 
 
 @pytest.mark.parametrize(
