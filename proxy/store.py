@@ -23,12 +23,15 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.config import TokenStoreSettings
 from proxy.errors import ProxyError
 from proxy.metrics import Metrics
 from proxy.tokens import Clock, Freshness, Token, TokenKey, token_from_record, token_record
+
+if TYPE_CHECKING:
+    from proxy.redis_store import RedisStore
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -233,14 +236,27 @@ def open_store(
     if settings.backend == "file":
         return FileStore(settings.path, metrics, clock)
     if settings.backend == "redis":
-        # Imported here: only a Redis store needs redis-py and cryptography loaded.
-        try:
-            from proxy.redis_store import RedisStore
-        except ImportError as exc:
-            raise TokenStoreError(
-                f"token_store.backend redis needs {exc.name}: install skill-engine-proxy[redis]."
-            ) from exc
-        return RedisStore(
+        return _redis_store_class()(
             settings.url, metrics, clock, secret_of, lock_timeout=settings.lock_timeout
         )
     return MemoryStore()
+
+
+def check_store(settings: TokenStoreSettings) -> None:
+    """Raise the `TokenStoreError` that `open_store` would, where it can be known before
+    serving: a `--workers` supervisor checks once, rather than have every worker fail."""
+    if settings.backend == "file":
+        _prepare_directory(settings.path)
+    elif settings.backend == "redis":
+        _redis_store_class()
+
+
+def _redis_store_class() -> type[RedisStore]:
+    # Imported here: only a Redis store needs redis-py and cryptography loaded.
+    try:
+        from proxy.redis_store import RedisStore
+    except ImportError as exc:
+        raise TokenStoreError(
+            f"token_store.backend redis needs {exc.name}: install skill-engine-proxy[redis]."
+        ) from exc
+    return RedisStore

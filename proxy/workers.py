@@ -45,6 +45,7 @@ from proxy.server import (
     run_event_loop,
     serve,
 )
+from proxy.store import check_store
 
 logger = logging.getLogger("skill_engine_proxy")
 
@@ -67,6 +68,7 @@ def run_workers(source: ConfigSource, count: int, *, loop: str = "auto") -> int:
             settings = settings.model_copy(
                 update={"token_store": TokenStoreSettings(backend="file", path=tokens)}
             )
+        check_store(settings.token_store)
         with contextlib.ExitStack() as stack:
             settings, sockets = _listeners(settings, stack)
             logger.info(

@@ -352,3 +352,26 @@ async def test_the_supervisor_logs_in_the_configured_format(
         assert await asyncio.wait_for(supervisor.process.wait(), timeout=30) == 0
     for line in supervisor.lines:
         assert isinstance(json.loads(line), dict), line
+
+
+async def test_an_unusable_token_store_stops_the_supervisor_with_one_error(
+    tmp_path: Path, standins: Standins
+) -> None:
+    """Each worker would fail alike, and be restarted, and fail again: the supervisor
+    checks the store before it starts any."""
+    document = settings_document(standins.token_url, standins.upstream_url)
+    document["log"] = {"format": "json"}
+    document["token_store"] = {"backend": "file", "path": str(tmp_path / "file" / "store")}
+    (tmp_path / "file").write_text("in the way")
+    process = await asyncio.create_subprocess_exec(
+        *proxy_command(
+            "run", "--workers", "2", "--config", str(write_config(tmp_path / "c.yaml", document))
+        ),
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 1
+    lines = [json.loads(line) for line in stderr.decode().splitlines()]
+    errors = [line for line in lines if line["level"] == "ERROR"]
+    assert [error["message"].split(":")[0] for error in errors] == ["token_store.path"]
