@@ -230,7 +230,10 @@ class UpstreamResponse(aiohttp.ClientResponse):
             and self.version == HttpVersion10
             and hdrs.TRANSFER_ENCODING in self.headers
         ):
-            protocol.close()
+            if self.connection is not None:
+                protocol.force_close()  # closed when released; its body can still be read
+            else:
+                protocol.close()  # already back in the pool, its body complete
         return self
 
 

@@ -204,7 +204,9 @@ class GuardedConnector(aiohttp.TCPConnector):
     and takes the next one, down to a new connection if every pooled one is spoilt. A
     stray answer that arrives after the connection has been taken again cannot be told
     from the real one, in any HTTP/1.1 client; it ends at most that one exchange, as a
-    502 or a wrong answer.
+    502 or a wrong answer. Likewise a server that writes on a new connection before it is
+    asked is refused only when its bytes are there by the time the connection is handed
+    out, which is rare: later ones are read as the answer, on a connection nobody else used.
     """
 
     def __init__(self, **kwargs: Any) -> None:

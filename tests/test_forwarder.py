@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.config import NetworkSettings
 from proxy.errors import ServerSpokeFirst, describe_client_error
-from proxy.forwarder import WHOLE_ANSWER_LIMIT
-from proxy.network import GuardedConnector
+from proxy.forwarder import WHOLE_ANSWER_LIMIT, new_upstream_session
+from proxy.network import GuardedConnector, Outbound
 from proxy.server import ProxyServer
 from proxy.standins import Answer
 from tests.conftest import Standins, StartProxy, StartStandins
@@ -588,6 +589,29 @@ async def test_an_http10_answer_with_a_transfer_coding_is_not_relayed(
             response = await raw_exchange(proxy.proxy_url, CLOSE_REQUEST % name)
             assert response.status == 502
             assert "HTTP/1.0 with a Transfer-Encoding" in json.loads(response.body)["message"]
+        assert len(upstream.connections) == 2
+    finally:
+        await upstream.close()
+
+
+async def test_the_body_of_an_http10_answer_with_a_transfer_coding_can_still_be_read() -> None:
+    """The upstream session ends such a connection once the answer is done with, not
+    while its body is still arriving (`check` reads it)."""
+
+    async def first_chunk(_: bytes) -> bytes:
+        return (
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n5\r\nhello\r\n"
+        )
+
+    upstream = KeptAliveUpstream(first_chunk)
+    try:
+        url = await upstream.start()
+        async with new_upstream_session(Outbound(NetworkSettings())) as session:
+            for _ in range(2):
+                async with session.get(url) as response:
+                    await upstream.push(b"0\r\n\r\n")
+                    assert await response.read() == b"hello"
         assert len(upstream.connections) == 2
     finally:
         await upstream.close()
