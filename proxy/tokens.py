@@ -258,6 +258,7 @@ def parse_token_response(
         raise BadTokenResponse(
             f"The token endpoint {endpoint} answered 200 without a positive expires_in."
         )
+    reported = lifetime
     if lifetime > MAX_LIFETIME:
         logger.warning(
             "The token endpoint %s gave a token expires_in %.0f s, longer than any Auth0 "
@@ -269,7 +270,7 @@ def parse_token_response(
         lifetime = MAX_LIFETIME
 
     exp = _jwt_expiry(access_token)
-    exp_skew = None if exp is None else exp - (wall_time + lifetime)
+    exp_skew = None if exp is None else exp - (wall_time + reported)
     # The token is good for the shorter of the two: expires_in, or the JWT's own exp.
     real_lifetime = lifetime if exp is None else min(lifetime, exp - wall_time)
     scope = payload.get("scope")

@@ -196,6 +196,14 @@ def test_an_expires_in_past_any_auth0_lifetime_is_taken_as_the_longest(
     assert "taken as 2592000 s" in caplog.text
 
 
+def test_a_jwt_as_long_lived_as_its_expires_in_shows_no_clock_skew() -> None:
+    lifetime = 40 * 24 * 3600
+    token = parse({"access_token": jwt_token(WALL + lifetime), "expires_in": lifetime})
+    assert token.lifetime == MAX_LIFETIME
+    assert token.expires_at == MAX_LIFETIME
+    assert token.exp_skew == 0
+
+
 @pytest.mark.parametrize(
     "payload",
     [
