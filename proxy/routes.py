@@ -48,6 +48,7 @@ class Router:
         self.tenants = settings.all_tenants()
         self._routes = [self._route(route) for route in settings.all_routes()]
         self._by_listener = any(route.listen is not None for route in self._routes)
+        self._by_header = any(route.header for route in self._routes)
         self._sockets: dict[Any, ListenAddress] = {}
         self._keys: dict[tuple[str, tuple[str, ...] | None], TokenKey] = {}
 
@@ -82,6 +83,9 @@ class Router:
     def route(self, request: web.BaseRequest) -> Destination:
         """The destination of `request`; `NoRoute` or `ScopeNotAllowed` if it has none."""
         listener = self._listener(request) if self._by_listener else None
+        # Read before any route is tried, so that several tenants in it are refused
+        # whichever route the request would take.
+        named = self._named_tenant(request) if self._by_header else ""
         target = request.raw_path
         for route in self._routes:
             if route.listen != listener:
@@ -91,7 +95,7 @@ class Router:
                 continue
             tenant = route.tenant
             if route.header:
-                tenant = self.tenants.get(self._named_tenant(request))
+                tenant = self.tenants.get(named)
                 if tenant is None:
                     continue
             assert tenant is not None
