@@ -6,12 +6,15 @@ endpoint's failures into the proxy's errors; `tokens.parse_token_response` judge
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+import re
 import time
+import unicodedata
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote
 
 import aiohttp
 from pydantic import SecretStr
@@ -272,21 +275,38 @@ class TokenEndpoint:
 
 def _masked(words: str, secret: str) -> str | None:
     """`words` with `secret` masked as written and as a JSON string or a URL would carry
-    it (an endpoint that echoes the request body escapes it), or None if the secret's
-    letters and digits still stand in them in a spelling not foreseen here."""
+    it (an endpoint that echoes the request body escapes it), or None if a run of the
+    secret's letters and digits still stands in them, spelt some other way or cut short."""
     as_json = {json.dumps(secret, ensure_ascii=ascii_only)[1:-1] for ascii_only in (True, False)}
     spellings = {secret, quote(secret, safe=""), quote_plus(secret)} | as_json
     spellings |= {spelling.replace("/", "\\/") for spelling in as_json}  # JSON may escape /
     for spelling in sorted(spellings, key=len, reverse=True):
         words = words.replace(spelling, "***")
-    skeleton = "".join(filter(str.isalnum, secret))
-    if len(skeleton) >= _SKELETON_MIN and skeleton in "".join(filter(str.isalnum, words)):
+    skeleton = _skeleton(secret)
+    if len(skeleton) < _SKELETON_MIN:
+        return words
+    found = _skeleton(words)
+    run = min(len(skeleton), _SKELETON_RUN)
+    if any(skeleton[at : at + run] in found for at in range(len(skeleton) - run + 1)):
         return None
     return words
 
 
-# Letters and digits of a secret from which a match in other words is no accident.
+def _skeleton(text: str) -> str:
+    """The letters and digits of `text` once the escapes an echo may add are undone (URL,
+    twice; JSON's \\u, in either case; HTML) and Unicode is in one normal form."""
+    for _ in range(2):
+        text = unquote(text)
+    text = _JSON_ESCAPE.sub(lambda match: chr(int(match.group(1), 16)), text)
+    text = unicodedata.normalize("NFKC", html.unescape(text))
+    return "".join(filter(str.isalnum, text))
+
+
+_JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+# A secret shorter than this, in letters and digits, is masked only as spelt above; a run
+# this long of a longer one in other words is no accident.
 _SKELETON_MIN = 8
+_SKELETON_RUN = 12
 
 
 async def _read_limited(response: aiohttp.ClientResponse) -> bytes:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 
@@ -130,34 +133,76 @@ async def test_a_secret_echoed_by_the_endpoint_is_masked(standins: Standins, fet
     assert "bad secret ***" in str(caught.value)
 
 
-HARD_SECRET = 'se"c\\ret/\u00e9-LEAKME'
+HARD_SECRET = 'se"c\\ret/\u00e9-<LEAKME>&'
+LONG_SECRET = "LEAKME" + "x7Kq2-Zp_9" * 5 + "Wm3rT4Yb"  # 64 characters, as Auth0's
+
+
+def go_json(secret: str) -> str:
+    """JSON as Go's encoding/json writes it: <, > and & escaped as \\u."""
+    text = json.dumps(secret)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 @pytest.mark.parametrize(
-    ("echo", "masked"),
+    ("secret", "echo", "masked"),
     [
-        (lambda secret: json.dumps({"client_secret": secret}), True),
-        (lambda secret: json.dumps({"client_secret": secret}, ensure_ascii=False), True),
-        (lambda secret: json.dumps({"client_secret": secret}).replace("/", "\\/"), True),
-        (lambda secret: urlencode({"client_secret": secret}), True),
-        (lambda secret: repr(secret), False),
+        (HARD_SECRET, lambda secret: json.dumps({"client_secret": secret}), True),
+        (HARD_SECRET, lambda secret: json.dumps([secret], ensure_ascii=False), True),
+        (HARD_SECRET, lambda secret: json.dumps([secret]).replace("/", "\\/"), True),
+        (HARD_SECRET, lambda secret: urlencode({"client_secret": secret}), True),
+        (HARD_SECRET, repr, False),
+        (HARD_SECRET, go_json, False),
+        (HARD_SECRET, lambda secret: json.dumps(secret).replace("\\u00e9", "\\u00E9"), False),
+        (
+            HARD_SECRET,
+            lambda secret: re.sub("%..", lambda hex_pair: hex_pair[0].lower(), quote(secret)),
+            False,
+        ),
+        (HARD_SECRET, lambda secret: quote(quote(secret, safe=""), safe=""), False),
+        (HARD_SECRET, html.escape, False),
+        (HARD_SECRET, lambda secret: unicodedata.normalize("NFD", secret), False),
+        (LONG_SECRET, lambda secret: secret[:40], False),
     ],
-    ids=["json-ascii", "json-utf8", "json-slash", "form", "unforeseen"],
+    ids=[
+        "json-ascii",
+        "json-utf8",
+        "json-slash",
+        "form",
+        "python-repr",
+        "go-json",
+        "json-upper-hex",
+        "url-lower-hex",
+        "url-twice",
+        "html",
+        "nfd",
+        "cut-short",
+    ],
 )
 async def test_a_secret_echoed_in_an_escaped_spelling_is_masked(
-    standins: Standins, fetch: Any, echo: Callable[[str], str], masked: bool
+    standins: Standins, fetch: Any, secret: str, echo: Callable[[str], str], masked: bool
 ) -> None:
     """An endpoint that echoes the request body quotes the secret as JSON or a form
-    escapes it; a spelling not foreseen leaves the endpoint's words out altogether."""
+    escapes it: masked. Other spellings, or part of the secret, leave the endpoint's words
+    out altogether."""
     standins.tokens.answer_next(
-        Answer(400, {"error": "invalid_request", "error_description": f"got {echo(HARD_SECRET)}"})
+        Answer(400, {"error": "invalid_request", "error_description": f"got {echo(secret)}"})
     )
     with pytest.raises(BadTokenResponse) as caught:
-        await fetch(client_secret=HARD_SECRET)
+        await fetch(client_secret=secret)
     message = str(caught.value)
     assert "LEAKME" not in message
     assert ("***" in message) is masked
     assert ("left out" in message) is not masked
+
+
+async def test_ordinary_words_of_the_endpoint_are_kept(standins: Standins, fetch: Any) -> None:
+    description = "Client credentials are not valid for audience https://api.example/v2"
+    standins.tokens.answer_next(
+        Answer(400, {"error": "invalid_request", "error_description": description})
+    )
+    with pytest.raises(BadTokenResponse) as caught:
+        await fetch(client_secret=LONG_SECRET)
+    assert description in str(caught.value)
 
 
 def token_answer(access_token: str) -> bytes:
