@@ -294,15 +294,21 @@ def _masked(words: str, secret: str) -> str | None:
 
 def _skeleton(text: str) -> str:
     """The letters and digits of `text` once the escapes an echo may add are undone (URL,
-    twice; JSON's \\u, in either case; HTML) and Unicode is in one normal form."""
+    twice; JSON's \\u and a bytes repr's \\x, in either case; HTML), Unicode in one normal
+    form, case folded."""
     for _ in range(2):
         text = unquote(text)
     text = _JSON_ESCAPE.sub(lambda match: chr(int(match.group(1), 16)), text)
-    text = unicodedata.normalize("NFKC", html.unescape(text))
+    text = _BYTE_ESCAPES.sub(
+        lambda match: bytes.fromhex(match.group(0).replace("\\x", "")).decode(errors="replace"),
+        text,
+    )
+    text = unicodedata.normalize("NFKC", html.unescape(text)).casefold()
     return "".join(filter(str.isalnum, text))
 
 
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+_BYTE_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
 # A secret shorter than this, in letters and digits, is masked only as spelt above; a run
 # this long of a longer one in other words is no accident.
 _SKELETON_MIN = 8

@@ -162,6 +162,8 @@ def go_json(secret: str) -> str:
         (HARD_SECRET, html.escape, False),
         (HARD_SECRET, lambda secret: unicodedata.normalize("NFD", secret), False),
         (LONG_SECRET, lambda secret: secret[:40], False),
+        (LONG_SECRET, str.upper, False),
+        (HARD_SECRET, lambda secret: repr(secret.encode()), False),
     ],
     ids=[
         "json-ascii",
@@ -176,6 +178,8 @@ def go_json(secret: str) -> str:
         "html",
         "nfd",
         "cut-short",
+        "upper-case",
+        "bytes-repr",
     ],
 )
 async def test_a_secret_echoed_in_an_escaped_spelling_is_masked(
@@ -190,7 +194,7 @@ async def test_a_secret_echoed_in_an_escaped_spelling_is_masked(
     with pytest.raises(BadTokenResponse) as caught:
         await fetch(client_secret=secret)
     message = str(caught.value)
-    assert "LEAKME" not in message
+    assert "LEAKME" not in message.upper()
     assert ("***" in message) is masked
     assert ("left out" in message) is not masked
 
