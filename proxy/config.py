@@ -830,11 +830,21 @@ def _describe_yaml_error(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or "invalid YAML"
     # PyYAML quotes what it could not read (an alias, a tag), and that may be a secret
-    # written in clear: `client_secret: *abc` reads as an alias.
-    problem = re.sub(r"'[^']*'", "'...'", problem)
+    # written in clear: `client_secret: *abc` reads as an alias. One character (a tab, as
+    # PyYAML escapes it) tells what is wrong and no secret.
+    problem = re.sub(r"'([^']*)'", _quoted_safely, problem)
     if mark is None:
         return f"YAML syntax error: {problem}"
     return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def _quoted_safely(match: re.Match[str]) -> str:
+    one_character = _ONE_CHARACTER.fullmatch(match.group(1))
+    return match.group(0) if one_character else "'...'"
+
+
+# One character as PyYAML quotes it: itself, or an escape such as \t, \x00 or \u00a0.
+_ONE_CHARACTER = re.compile(r".?|\\(?:[a-z0]|x[0-9a-f]{2}|u[0-9a-f]{4})")
 
 
 def expand_variables(node: Any, environ: Mapping[str, str], *, file: str, key: str = "") -> Any:

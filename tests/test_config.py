@@ -330,6 +330,18 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     assert "YAML syntax error at line" in message
 
 
+def test_a_yaml_syntax_error_shows_the_one_character_it_could_not_read(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, MINIMAL + "\tscopes: [read]\n"))
+    assert "found character '\\t' that cannot start any token" in message
+
+
+def test_a_yaml_syntax_error_does_not_quote_a_secret_written_as_an_alias(tmp_path: Path) -> None:
+    text = MINIMAL.replace("client_secret: ${SECRET_VAR}", "client_secret: *Abc123secret")
+    message = config_error(write(tmp_path, text))
+    assert "found undefined alias '...'" in message
+    assert "Abc123secret" not in message
+
+
 @pytest.mark.parametrize(
     ("text", "expected"), [("", "expected a mapping"), ("- a\n", "expected a mapping")]
 )
