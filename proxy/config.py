@@ -317,6 +317,10 @@ class AuthSettings(_Section):
     def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value():
             raise ValueError("must not be empty")
+        if value is not None and not _is_utf8_text(value.get_secret_value()):
+            # An environment variable of bytes that are not UTF-8, or a YAML \ud800 escape:
+            # such a secret cannot be sent in a JSON body.
+            raise ValueError("must be text UTF-8 can carry (it holds a lone surrogate)")
         return value
 
     @field_validator("scopes")
@@ -350,6 +354,14 @@ class AuthSettings(_Section):
         """The files the secrets were read from, to notice when they change."""
         files = (self.client_secret_file, self.client_secret_next_file)
         return [file for file in files if file is not None]
+
+
+def _is_utf8_text(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _scope_set(value: tuple[str, ...] | None) -> tuple[str, ...] | None:

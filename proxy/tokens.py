@@ -30,6 +30,7 @@ import math
 import random
 import re
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -669,11 +670,18 @@ class TokenKeeper:
         except TokenUnavailable as exc:
             raise self._failed(state, exc) from None
         except Exception as exc:
-            # A bug, not the endpoint's doing: still a failed fetch, retried like one.
-            logger.exception(
-                "Fetching a token for tenant %s failed unexpectedly.", state.key.tenant
+            # A bug, not the endpoint's doing: still a failed fetch, retried like one. Its
+            # message may quote a secret it was handling: only its type and where it was
+            # raised are told, to the log and to callers.
+            logger.error(
+                "Fetching a token for tenant %s failed unexpectedly (%s), at:\n%s",
+                state.key.tenant,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
             )
-            unexpected = BadTokenResponse(f"Fetching a token failed unexpectedly ({exc!r}).")
+            unexpected = BadTokenResponse(
+                f"Fetching a token failed unexpectedly ({type(exc).__name__})."
+            )
             raise self._failed(state, unexpected) from None
         self._succeeded(state, token)
         return token

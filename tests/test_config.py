@@ -325,6 +325,22 @@ def test_an_endless_secret_or_config_file_is_refused_not_read_forever(tmp_path: 
     assert "the file holds more than 1 MiB: not a config file" in message
 
 
+@pytest.mark.parametrize(
+    ("text", "environ"),
+    [
+        (MINIMAL, {"SECRET_VAR": "abc\udcffdefghijklmnop"}),  # os.environ's undecodable byte
+        (MINIMAL.replace("${SECRET_VAR}", '"abc\\ud800defghijklmnop"'), {}),
+    ],
+    ids=["environment", "yaml-escape"],
+)
+def test_a_secret_utf8_cannot_carry_is_refused_without_being_shown(
+    tmp_path: Path, text: str, environ: dict[str, str]
+) -> None:
+    message = config_error(write(tmp_path, text), environ)
+    assert "auth.client_secret: must be text UTF-8 can carry" in message
+    assert "defghijklmnop" not in message
+
+
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, MINIMAL + "  scopes: [read\n"))
     assert "YAML syntax error at line" in message

@@ -787,6 +787,21 @@ async def test_an_unexpected_error_in_a_fetch_is_a_failure_and_the_worker_surviv
     assert keeper.cached(KEY) is not first
 
 
+async def test_an_unexpected_error_is_told_without_its_message(
+    make_keeper: MakeKeeper, fetch: Fetch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug's message may quote the secret it was handling (a UnicodeEncodeError does)."""
+    bug = UnicodeEncodeError("utf-8", "s3cret\udcff", 6, 7, "surrogates")
+    fetch.failures = [bug]  # type: ignore[list-item]
+    keeper = make_keeper()
+    with pytest.raises(BadTokenResponse) as caught:
+        await keeper.fetch(KEY)
+    assert "failed unexpectedly (UnicodeEncodeError)" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    assert "failed unexpectedly (UnicodeEncodeError), at:" in caplog.text
+    assert "s3cret" not in caplog.text
+
+
 async def test_a_key_readiness_depends_on_recovers_by_itself_after_a_long_outage(
     make_keeper: MakeKeeper, clock: FakeClock, fetch: Fetch
 ) -> None:
