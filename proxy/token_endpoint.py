@@ -259,37 +259,50 @@ class TokenEndpoint:
 
     def _quote(self, error: str | None, description: str | None) -> str:
         """Auth0's own words, trimmed, printable, and never the secret even if echoed."""
-        words = ": ".join(part for part in (error, description) if part)
+        secrets = [secret.get_secret_value() for secret in self._secrets if secret is not None]
+        # Mask first: trimming or replacing characters could break the secret's match.
+        shown = [_masked(part, secrets) for part in (error, description) if part]
+        words = ": ".join(part if part is not None else _LEFT_OUT for part in shown)
         if not words:
             return ""
-        # Mask first: trimming or replacing characters could break the secret's match.
-        for secret in self._secrets:
-            if secret is not None:
-                masked = _masked(words, secret.get_secret_value())
-                if masked is None:
-                    return ": (the answer's words are left out: they hold the client secret)"
-                words = masked
         words = "".join(c if c.isprintable() else " " for c in words)[:300]
         return f": {words}"
 
 
-def _masked(words: str, secret: str) -> str | None:
-    """`words` with `secret` masked as written and as a JSON string or a URL would carry
-    it (an endpoint that echoes the request body escapes it), or None if a run of the
-    secret's letters and digits still stands in them, spelt some other way or cut short."""
-    as_json = {json.dumps(secret, ensure_ascii=ascii_only)[1:-1] for ascii_only in (True, False)}
-    spellings = {secret, quote(secret, safe=""), quote_plus(secret)} | as_json
-    spellings |= {spelling.replace("/", "\\/") for spelling in as_json}  # JSON may escape /
-    for spelling in sorted(spellings, key=len, reverse=True):
-        words = words.replace(spelling, "***")
-    skeleton = _skeleton(secret)
-    if len(skeleton) < _SKELETON_MIN:
-        return words
-    found = _skeleton(words)
-    run = min(len(skeleton), _SKELETON_RUN)
-    if any(skeleton[at : at + run] in found for at in range(len(skeleton) - run + 1)):
+_LEFT_OUT = "(words left out: they may hold the client secret)"
+
+
+def _masked(words: str, secrets: list[str]) -> str | None:
+    """`words` with each secret masked as written and as a JSON string or a URL would carry
+    it (an endpoint that echoes the request body escapes it), or None if they may still
+    hold one: a run of its letters and digits, spelt some other way or cut short, or data
+    in an encoding such as base64, hex or a list of byte values."""
+    for secret in secrets:
+        as_json = {
+            json.dumps(secret, ensure_ascii=ascii_only)[1:-1] for ascii_only in (True, False)
+        }
+        spellings = {secret, quote(secret, safe=""), quote_plus(secret)} | as_json
+        spellings |= {spelling.replace("/", "\\/") for spelling in as_json}  # JSON may escape /
+        for spelling in sorted(spellings, key=len, reverse=True):
+            words = words.replace(spelling, "***")
+    if _ENCODED_BYTES.search(words) or any(
+        _has_letter_and_digit(match.group(0)) for match in _ENCODED_RUN.finditer(words)
+    ):
         return None
+    found = _skeleton(words)
+    for secret in secrets:
+        skeleton = _skeleton(secret)
+        if len(skeleton) < _SKELETON_MIN:
+            continue
+        run = min(len(skeleton), _SKELETON_RUN)
+        runs = {skeleton[at : at + run] for at in range(len(skeleton) - run + 1)}
+        if any(found[at : at + run] in runs for at in range(len(found) - run + 1)):
+            return None
     return words
+
+
+def _has_letter_and_digit(text: str) -> bool:
+    return any(c.isdigit() for c in text) and any(c.isalpha() for c in text)
 
 
 def _skeleton(text: str) -> str:
@@ -307,6 +320,10 @@ def _skeleton(text: str) -> str:
     return "".join(filter(str.isalnum, text))
 
 
+# Base64 (either alphabet) or hex of 15 bytes or more, when it mixes letters and digits as
+# encoded data does and words and paths do not; and eight or more byte values in a row.
+_ENCODED_RUN = re.compile(r"[A-Za-z0-9+/=_-]{20,}")
+_ENCODED_BYTES = re.compile(r"(?:\b\d{1,3}\b[\s,;]+){7}\b\d{1,3}\b")
 _JSON_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
 _BYTE_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
 # A secret shorter than this, in letters and digits, is masked only as spelt above; a run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -164,6 +165,14 @@ def go_json(secret: str) -> str:
         (LONG_SECRET, lambda secret: secret[:40], False),
         (LONG_SECRET, str.upper, False),
         (HARD_SECRET, lambda secret: repr(secret.encode()), False),
+        (
+            LONG_SECRET,
+            lambda secret: base64.b64encode(json.dumps({"s": secret}).encode()).decode(),
+            False,
+        ),
+        (LONG_SECRET, lambda secret: secret.encode().hex(), False),
+        (LONG_SECRET, lambda secret: str(list(secret.encode())), False),  # Java, Node
+        (LONG_SECRET, lambda secret: "[" + " ".join(map(str, secret.encode())) + "]", False),
     ],
     ids=[
         "json-ascii",
@@ -180,6 +189,10 @@ def go_json(secret: str) -> str:
         "cut-short",
         "upper-case",
         "bytes-repr",
+        "base64",
+        "hex",
+        "byte-list",
+        "go-byte-list",
     ],
 )
 async def test_a_secret_echoed_in_an_escaped_spelling_is_masked(
@@ -207,6 +220,18 @@ async def test_ordinary_words_of_the_endpoint_are_kept(standins: Standins, fetch
     with pytest.raises(BadTokenResponse) as caught:
         await fetch(client_secret=LONG_SECRET)
     assert description in str(caught.value)
+
+
+async def test_the_error_code_stays_when_the_description_is_left_out(
+    standins: Standins, fetch: Any
+) -> None:
+    description = f"you sent {LONG_SECRET[5:30]}"
+    standins.tokens.answer_next(
+        Answer(400, {"error": "invalid_request", "error_description": description})
+    )
+    with pytest.raises(BadTokenResponse) as caught:
+        await fetch(client_secret=LONG_SECRET)
+    assert "HTTP 400: invalid_request: (words left out" in str(caught.value)
 
 
 def token_answer(access_token: str) -> bytes:
