@@ -48,7 +48,8 @@ class Router:
         self.tenants = settings.all_tenants()
         self._routes = [self._route(route) for route in settings.all_routes()]
         self._by_listener = any(route.listen is not None for route in self._routes)
-        self._by_header = any(route.header for route in self._routes)
+        # The listeners (None: the main one) where some route reads the tenant header.
+        self._header_listeners = {route.listen for route in self._routes if route.header}
         self._sockets: dict[Any, ListenAddress] = {}
         self._keys: dict[tuple[str, tuple[str, ...] | None], TokenKey] = {}
 
@@ -85,7 +86,7 @@ class Router:
         listener = self._listener(request) if self._by_listener else None
         # Read before any route is tried, so that several tenants in it are refused
         # whichever route the request would take.
-        named = self._named_tenant(request) if self._by_header else ""
+        named = self._named_tenant(request) if listener in self._header_listeners else ""
         target = request.raw_path
         for route in self._routes:
             if route.listen != listener:

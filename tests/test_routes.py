@@ -265,6 +265,19 @@ async def test_a_tenant_on_its_own_listener(fleet: Fleet, start_proxy: StartProx
     assert main.status == 404
 
 
+async def test_a_listener_whose_routes_ignore_the_tenant_header_ignores_repeats_of_it(
+    fleet: Fleet, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(
+        fleet.settings([{"listen": "127.0.0.1:0", "tenant": "beta"}, {"header": True}])
+    )
+    [beta_url] = proxy.route_urls.values()
+    request = b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n%s\r\n"
+    headers = b"X-Skill-Engine-Tenant: acme\r\nX-Skill-Engine-Tenant: beta\r\n"
+    assert (await raw_exchange(beta_url, request % headers)).status == 200
+    assert (await raw_exchange(proxy.proxy_url, request % headers)).status == 400
+
+
 async def test_a_tenant_on_its_own_unix_socket(
     fleet: Fleet, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
