@@ -728,6 +728,11 @@ def _read_yaml(file: str) -> dict[str, Any]:
         raise ConfigError(file, [(None, _describe_yaml_error(exc))]) from None
     except RecursionError:
         raise ConfigError(file, [(None, "the YAML is nested too deeply to read")]) from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        # PyYAML's constructors for !!int, !!float, !!bool, !!timestamp raise these on a
+        # value they cannot read, quoting it (it may be a secret), and say nowhere where.
+        problem = "a value tagged !!int, !!float, !!bool or !!timestamp is not of that type"
+        raise ConfigError(file, [(None, problem)]) from None
 
     if not isinstance(document, dict):
         raise ConfigError(file, [(None, "expected a mapping of keys at the top level")])
@@ -844,15 +849,20 @@ def _describe_yaml_error(exc: yaml.YAMLError) -> str:
     # PyYAML quotes what it could not read (an alias, a tag), and that may be a secret
     # written in clear: `client_secret: *abc` reads as an alias. One character (a tab, as
     # PyYAML escapes it) tells what is wrong and no secret.
-    problem = re.sub(r"'([^']*)'", _quoted_safely, problem)
+    problem = _QUOTED.sub(_quoted_safely, problem)
     if mark is None:
         return f"YAML syntax error: {problem}"
     return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _quoted_safely(match: re.Match[str]) -> str:
-    one_character = _ONE_CHARACTER.fullmatch(match.group(1))
+    one_character = _ONE_CHARACTER.fullmatch(match.group(2))
     return match.group(0) if one_character else "'...'"
+
+
+# What PyYAML quotes, as Python's repr does: in single quotes, or in double quotes when the
+# text holds a single quote.
+_QUOTED = re.compile(r"""(['"])((?:\\.|(?!\1).)*)\1""")
 
 
 # One character as PyYAML quotes it: itself, or an escape such as \t, \x00 or \u00a0.

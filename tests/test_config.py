@@ -351,11 +351,25 @@ def test_a_yaml_syntax_error_shows_the_one_character_it_could_not_read(tmp_path:
     assert "found character '\\t' that cannot start any token" in message
 
 
-def test_a_yaml_syntax_error_does_not_quote_a_secret_written_as_an_alias(tmp_path: Path) -> None:
-    text = MINIMAL.replace("client_secret: ${SECRET_VAR}", "client_secret: *Abc123secret")
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("*Abc123secret", "found undefined alias '...'"),
+        ("!Abc'123secret", "could not determine a constructor for the tag '...'"),
+        ("!!int Abc123secret", "a value tagged !!int, !!float, !!bool or !!timestamp is not"),
+        ("!!float Abc123secret", "a value tagged !!int"),
+        ("!!bool Abc123secret", "a value tagged !!int"),
+        ("!!timestamp Abc123secret", "a value tagged !!int"),
+    ],
+)
+def test_a_secret_yaml_cannot_read_is_not_quoted(
+    tmp_path: Path, written: str, expected: str
+) -> None:
+    """A secret written in clear and read as an alias or a tag."""
+    text = MINIMAL.replace("client_secret: ${SECRET_VAR}", f"client_secret: {written}")
     message = config_error(write(tmp_path, text))
-    assert "found undefined alias '...'" in message
-    assert "Abc123secret" not in message
+    assert expected in message
+    assert "123secret" not in message.lower()
 
 
 @pytest.mark.parametrize(
