@@ -834,7 +834,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
             )
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"the key {key} appears twice", key_node.start_mark
+                None, None, f"the key {shown_name(str(key))} appears twice", key_node.start_mark
             )
         seen.add(key)
     return loader.construct_mapping(node)
@@ -906,6 +906,14 @@ def expand_variables(node: Any, environ: Mapping[str, str], *, file: str, key: s
     return _VARIABLE.sub(substitute, node)
 
 
+def shown_name(name: str) -> str:
+    """A key of the config as messages show it: up to its first blank, 40 characters at
+    most. A key is the user's own text, and a typo can make one of a secret: in
+    `{client_secret pTyG...}` the colon is missing and the whole is one unknown key."""
+    cut = name.split(maxsplit=1)[0][:40] if name.strip() else name[:40]
+    return name if cut == name else f"{cut}..."
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -913,7 +921,7 @@ def _join(prefix: str, name: str) -> str:
 def _describe(error: Any) -> tuple[str | None, str]:
     key = ""
     for part in error["loc"]:
-        key = f"{key}[{part}]" if isinstance(part, int) else _join(key, str(part))
+        key = f"{key}[{part}]" if isinstance(part, int) else _join(key, shown_name(str(part)))
     if error["type"] == "missing":
         problem = "field required"
     elif error["type"] == "extra_forbidden":
@@ -948,7 +956,9 @@ def read_secret_file(path: Path, *, file: str, key: str) -> SecretStr:
     try:
         text = _read_text(path, SECRET_FILE_LIMIT)
     except OSError as exc:
-        raise ConfigError(file, [(key, f"cannot read {path}: {exc.strerror}")]) from None
+        # A value with neither / nor . may be the secret itself, written in the wrong key.
+        named = path if {"/", "."} & set(str(path)) else "the file it names (a bare name)"
+        raise ConfigError(file, [(key, f"cannot read {named}: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(file, [(key, f"{path} is not UTF-8 text")]) from None
     if text is None:

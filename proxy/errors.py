@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import ClassVar
 
 import aiohttp
@@ -183,8 +184,9 @@ def describe_client_error(exc: BaseException) -> str:
 
 def _words(message: object) -> str:
     """What went wrong, from an aiohttp message: parser messages quote the offending bytes
-    after a colon, and a reason phrase is the peer's own text."""
-    words = str(message).partition(":")[0]
+    after a colon (the C parser) or in quotes (the Python one), and a reason phrase is the
+    peer's own text."""
+    words = re.split(r"[:'\"]", str(message), maxsplit=1)[0].strip()
     return "".join(c if c.isprintable() else " " for c in words)[:100]
 
 

@@ -175,8 +175,9 @@ class TokenEndpoint:
         started = time.perf_counter()
         try:
             token = await self._request(key, secret)
-        except TokenUnavailable:
+        except TokenUnavailable as exc:
             self._metrics.token_fetches.labels(tenant, "error").inc()
+            self._screen(exc)
             raise
         finally:
             self._metrics.token_fetch_duration.labels(tenant).observe(time.perf_counter() - started)
@@ -224,6 +225,19 @@ class TokenEndpoint:
                 endpoint=self._url,
             )
         raise self._failure(status, answer, retry_after)
+
+    def _screen(self, exc: TokenUnavailable) -> None:
+        """Whatever else of the endpoint's a message quotes (a token_type, a reason phrase,
+        a parser's view of its bytes) passes the same masking as its error words; if a run
+        of a secret still stands, the message tells only what the proxy itself knows."""
+        secrets = [secret.get_secret_value() for secret in self._secrets if secret is not None]
+        message = _spelt_out(str(exc), secrets)
+        if _holds_a_run(message, secrets):
+            message = (
+                f"The token endpoint {self._url} answered with words that may hold the client "
+                "secret; they are left out."
+            )
+        exc.args = (message,)
 
     def _note_rate_limit(self, headers: Any) -> None:
         remaining = _number(headers.get("x-ratelimit-remaining"))
@@ -273,10 +287,20 @@ _LEFT_OUT = "(words left out: they may hold the client secret)"
 
 
 def _masked(words: str, secrets: list[str]) -> str | None:
-    """`words` with each secret masked as written and as a JSON string or a URL would carry
-    it (an endpoint that echoes the request body escapes it), or None if they may still
-    hold one: a run of its letters and digits, spelt some other way or cut short, or data
-    in an encoding such as base64, hex or a list of byte values."""
+    """The token endpoint's `words` with each secret masked where spelt as an echo of the
+    request body would (`_spelt_out`), or None if they may still hold one: data in an
+    encoding such as base64, hex or a list of byte values, or a run of its letters and
+    digits (`_holds_a_run`)."""
+    words = _spelt_out(words, secrets)
+    if _ENCODED_BYTES.search(words) or any(
+        _has_letter_and_digit(match.group(0)) for match in _ENCODED_RUN.finditer(words)
+    ):
+        return None
+    return None if _holds_a_run(words, secrets) else words
+
+
+def _spelt_out(text: str, secrets: list[str]) -> str:
+    """`text` with each secret masked as written and as a JSON string or a URL carries it."""
     for secret in secrets:
         as_json = {
             json.dumps(secret, ensure_ascii=ascii_only)[1:-1] for ascii_only in (True, False)
@@ -284,12 +308,14 @@ def _masked(words: str, secrets: list[str]) -> str | None:
         spellings = {secret, quote(secret, safe=""), quote_plus(secret)} | as_json
         spellings |= {spelling.replace("/", "\\/") for spelling in as_json}  # JSON may escape /
         for spelling in sorted(spellings, key=len, reverse=True):
-            words = words.replace(spelling, "***")
-    if _ENCODED_BYTES.search(words) or any(
-        _has_letter_and_digit(match.group(0)) for match in _ENCODED_RUN.finditer(words)
-    ):
-        return None
-    found = _skeleton(words)
+            text = text.replace(spelling, "***")
+    return text
+
+
+def _holds_a_run(text: str, secrets: list[str]) -> bool:
+    """Whether 12 of a secret's letters and digits in a row (all of them, for one of 8 to
+    12) stand in `text` once escapes are undone and case folded (`_skeleton`)."""
+    found = _skeleton(text)
     for secret in secrets:
         skeleton = _skeleton(secret)
         if len(skeleton) < _SKELETON_MIN:
@@ -297,8 +323,8 @@ def _masked(words: str, secrets: list[str]) -> str | None:
         run = min(len(skeleton), _SKELETON_RUN)
         runs = {skeleton[at : at + run] for at in range(len(skeleton) - run + 1)}
         if any(found[at : at + run] in runs for at in range(len(found) - run + 1)):
-            return None
-    return words
+            return True
+    return False
 
 
 def _has_letter_and_digit(text: str) -> bool:

@@ -341,6 +341,32 @@ def test_a_secret_utf8_cannot_carry_is_refused_without_being_shown(
     assert "defghijklmnop" not in message
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("client_secret: ${SECRET_VAR}", "client_secret pTyGJMuHbEL31IeL2HPc: x"),
+            "auth.client_secret...: unknown key",
+        ),
+        (
+            ("client_secret: ${SECRET_VAR}", "client_secret pTyGJMuHbEL31IeL2HPc: x\n  a: 1"),
+            "auth.client_secret...: unknown key",
+        ),
+        (
+            ("client_secret: ${SECRET_VAR}", "client_secret_file: pTyGJMuHbEL31IeL2HPc"),
+            "auth.client_secret_file: cannot read the file it names (a bare name): No such file",
+        ),
+    ],
+    ids=["key-typo", "key-typo-among-others", "secret-in-file-key"],
+)
+def test_a_secret_typed_into_a_key_or_a_file_name_is_not_shown(
+    tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    message = config_error(write(tmp_path, MINIMAL.replace(*change)))
+    assert expected in message
+    assert "pTyGJMuHbEL31IeL2HPc" not in message
+
+
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, MINIMAL + "  scopes: [read\n"))
     assert "YAML syntax error at line" in message

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
+import aiohttp
 import pytest
 
 from proxy import __version__
@@ -21,6 +22,7 @@ from proxy.errors import (
     CredentialsRejected,
     TokenEndpointUnreachable,
     TokenUnavailable,
+    describe_client_error,
 )
 from proxy.metrics import Metrics
 from proxy.network import Outbound
@@ -220,6 +222,44 @@ async def test_ordinary_words_of_the_endpoint_are_kept(standins: Standins, fetch
     with pytest.raises(BadTokenResponse) as caught:
         await fetch(client_secret=LONG_SECRET)
     assert description in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("answer", "masked"),
+    [
+        # The secret as written: masked wherever the message quotes it.
+        (Answer(200, {"access_token": "abc", "token_type": LONG_SECRET, "expires_in": 9}), True),
+        # Upper-cased: the message keeps only what the proxy knows.
+        (
+            Answer(200, {"access_token": "a", "token_type": LONG_SECRET.upper(), "expires_in": 9}),
+            False,
+        ),
+        # Split over the two fields, each too short to tell alone.
+        (Answer(401, {"error": LONG_SECRET[:10], "error_description": LONG_SECRET[10:20]}), False),
+    ],
+    ids=["token-type", "token-type-upper", "split"],
+)
+async def test_no_part_of_the_answer_quotes_the_secret(
+    standins: Standins, fetch: Any, answer: Answer, masked: bool
+) -> None:
+    standins.tokens.answer_next(answer)
+    with pytest.raises(TokenUnavailable) as caught:
+        await fetch(client_secret=LONG_SECRET)
+    message = str(caught.value)
+    assert "LEAKME" not in message.upper()
+    assert ("***" in message) is masked
+    assert ("may hold the client secret" in message) is not masked
+
+
+def test_a_parsers_quote_of_the_answers_bytes_is_not_repeated() -> None:
+    """aiohttp's Python parser quotes the bytes it could not read without a colon first."""
+    error = aiohttp.ClientResponseError(
+        None,  # type: ignore[arg-type]
+        (),
+        status=400,
+        message=f"Bad status line 'HTTP/1.1 4x1 {LONG_SECRET}'",
+    )
+    assert describe_client_error(error) == "not a valid HTTP answer (Bad status line)"
 
 
 async def test_the_error_code_stays_when_the_description_is_left_out(
