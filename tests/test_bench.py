@@ -20,7 +20,7 @@ from run import missing_tools  # noqa: E402  (bench/ is scripts, not a package)
 @pytest.mark.skipif(
     bool(missing_tools()),
     reason=f"the benchmark needs {', '.join(missing_tools())} (Debian: nginx-light wrk curl); "
-    ".ci/run installs them",
+    "scripts/test-tools installs them",
 )
 @pytest.mark.timeout(240)
 def test_one_short_round_measures_every_target(tmp_path: Path) -> None:

@@ -641,7 +641,7 @@ def test_compose_prometheus_scrapes_the_admin_port_and_loads_the_alert_rules(
 def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
-        pytest.skip("promtool is not installed (Debian's prometheus package; .ci/run installs it)")
+        pytest.skip("promtool is missing (Debian's prometheus; scripts/test-tools installs it)")
     return found
 
 
