@@ -834,7 +834,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
             )
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"the key {shown_name(str(key))} appears twice", key_node.start_mark
+                None, None, f"the key {_shown_name(str(key))} appears twice", key_node.start_mark
             )
         seen.add(key)
     return loader.construct_mapping(node)
@@ -906,7 +906,7 @@ def expand_variables(node: Any, environ: Mapping[str, str], *, file: str, key: s
     return _VARIABLE.sub(substitute, node)
 
 
-def shown_name(name: str) -> str:
+def _shown_name(name: str) -> str:
     """A key of the config as messages show it: up to its first blank, 40 characters at
     most. A key is the user's own text, and a typo can make one of a secret: in
     `{client_secret pTyG...}` the colon is missing and the whole is one unknown key."""
@@ -921,7 +921,7 @@ def _join(prefix: str, name: str) -> str:
 def _describe(error: Any) -> tuple[str | None, str]:
     key = ""
     for part in error["loc"]:
-        key = f"{key}[{part}]" if isinstance(part, int) else _join(key, shown_name(str(part)))
+        key = f"{key}[{part}]" if isinstance(part, int) else _join(key, _shown_name(str(part)))
     if error["type"] == "missing":
         problem = "field required"
     elif error["type"] == "extra_forbidden":
