@@ -901,17 +901,23 @@ def expand_variables(node: Any, environ: Mapping[str, str], *, file: str, key: s
             return default.replace("$${", "${")
         if name in environ:
             return ""
-        raise ConfigError(file, [(key, f"environment variable {name} is not set")])
+        # A name not in capitals may be a secret pasted into ${...} by mistake.
+        shown = name if _ENVIRONMENT_NAME.fullmatch(name) else "(a name not in capitals)"
+        raise ConfigError(file, [(key, f"environment variable {shown} is not set")])
 
     return _VARIABLE.sub(substitute, node)
 
 
 def _shown_name(name: str) -> str:
-    """A key of the config as messages show it: up to its first blank, 40 characters at
-    most. A key is the user's own text, and a typo can make one of a secret: in
-    `{client_secret pTyG...}` the colon is missing and the whole is one unknown key."""
-    cut = name.split(maxsplit=1)[0][:40] if name.strip() else name[:40]
-    return name if cut == name else f"{cut}..."
+    """A key of the config as messages show it: whole if it is a name of up to 24 letters,
+    digits, - and _ (every key the config knows is), else its first 8 characters. A key is
+    the user's own text, and a typo can make one of a secret: in `{client_secret pTyG...}`
+    or `{client_secret:pTyG...}` the whole is one unknown key."""
+    return name if _PLAIN_NAME.fullmatch(name) else f"{name[:8]}..."
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]{1,24}")
+_ENVIRONMENT_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
 def _join(prefix: str, name: str) -> str:
@@ -956,8 +962,10 @@ def read_secret_file(path: Path, *, file: str, key: str) -> SecretStr:
     try:
         text = _read_text(path, SECRET_FILE_LIMIT)
     except OSError as exc:
-        # A value with neither / nor . may be the secret itself, written in the wrong key.
-        named = path if {"/", "."} & set(str(path)) else "the file it names (a bare name)"
+        # A bare name, or a path whose directory is missing too, may be the secret itself,
+        # written in the wrong key: it is not shown.
+        shown = "/" in str(path) and path.parent.is_dir()
+        named = path if shown else "the file it names (a bare name or no such directory)"
         raise ConfigError(file, [(key, f"cannot read {named}: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(file, [(key, f"{path} is not UTF-8 text")]) from None

@@ -50,6 +50,7 @@ logger = logging.getLogger("skill_engine_proxy")
 
 # RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_TOKEN_TYPE = re.compile(r"[A-Za-z][A-Za-z_-]{0,15}")
 # expires_in and a JWT's exp this far apart mean one of the two clocks is off.
 _CLOCK_SKEW_WARNING = 60.0
 
@@ -249,8 +250,11 @@ def parse_token_response(
 
     token_type = payload.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        # Named only if it reads as a token type (RFC 6749 7.1: "bearer", "mac"), never the
+        # endpoint's text at length: it could echo anything.
+        shown = repr(token_type) if _TOKEN_TYPE.fullmatch(str(token_type)) else "of another kind"
         raise BadTokenResponse(
-            f"The token endpoint {endpoint} answered with token_type {token_type!r}; "
+            f"The token endpoint {endpoint} answered with token_type {shown}; "
             "only Bearer tokens can be attached."
         )
 
