@@ -570,6 +570,12 @@ async def test_an_http10_client_keeps_its_connection_after_an_answer_without_bod
         await upstream.close()
 
 
+# An HTTP/1.0 answer's head with a transfer coding, faulty framing (RFC 9112 6.1).
+HTTP10_CHUNKED_HEAD = (
+    b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
 async def test_an_http10_answer_with_a_transfer_coding_is_not_relayed(
     standins: Standins, start_proxy: StartProxy
 ) -> None:
@@ -577,10 +583,7 @@ async def test_an_http10_answer_with_a_transfer_coding_is_not_relayed(
     answer is refused and its connection not reused."""
 
     async def faulty(_: bytes) -> bytes:
-        return (
-            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n"
-            b"\r\n5\r\nhello\r\n0\r\n\r\n"
-        )
+        return HTTP10_CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n\r\n"
 
     upstream = KeptAliveUpstream(faulty)
     try:
@@ -599,10 +602,7 @@ async def test_the_body_of_an_http10_answer_with_a_transfer_coding_can_still_be_
     while its body is still arriving (`check` reads it)."""
 
     async def first_chunk(_: bytes) -> bytes:
-        return (
-            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n"
-            b"\r\n5\r\nhello\r\n"
-        )
+        return HTTP10_CHUNKED_HEAD + b"5\r\nhello\r\n"
 
     upstream = KeptAliveUpstream(first_chunk)
     try:
