@@ -136,6 +136,11 @@ class TokenEndpoint:
         return endpoint
 
     @property
+    def _secret_values(self) -> list[str]:
+        """Every configured secret, as masking looks for them."""
+        return [secret.get_secret_value() for secret in self._secrets if secret is not None]
+
+    @property
     def secret(self) -> SecretStr:
         """The secret tokens are requested with now."""
         current, following = self._secrets
@@ -230,9 +235,8 @@ class TokenEndpoint:
         """Whatever else of the endpoint's a message quotes (a token_type, a reason phrase,
         a parser's view of its bytes) passes the same masking as its error words; if a run
         of a secret still stands, the message tells only what the proxy itself knows."""
-        secrets = [secret.get_secret_value() for secret in self._secrets if secret is not None]
-        message = _spelt_out(str(exc), secrets)
-        if _holds_a_run(message, secrets):
+        message = _spelt_out(str(exc), self._secret_values)
+        if _holds_a_run(message, self._secret_values):
             message = (
                 f"The token endpoint {self._url} answered with words that may hold the client "
                 "secret; they are left out."
@@ -273,9 +277,8 @@ class TokenEndpoint:
 
     def _quote(self, error: str | None, description: str | None) -> str:
         """Auth0's own words, trimmed, printable, and never the secret even if echoed."""
-        secrets = [secret.get_secret_value() for secret in self._secrets if secret is not None]
         # Mask first: trimming or replacing characters could break the secret's match.
-        shown = [_masked(part, secrets) for part in (error, description) if part]
+        shown = [_masked(part, self._secret_values) for part in (error, description) if part]
         words = ": ".join(part if part is not None else _LEFT_OUT for part in shown)
         if not words:
             return ""
